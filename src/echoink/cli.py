@@ -1,0 +1,249 @@
+"""The `echoink` command line. Thin: each command parses, calls one library function, prints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="echoink: GRPO fine-tuning and evaluation of omni-modal models (Qwen2.5-Omni).",
+                  no_args_is_help=True, add_completion=False)
+model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+# ---- model commands ---------------------------------------------------------------------------
+
+# ---- data commands ----------------------------------------------------------------------------
+
+
+@data_app.command("validate")
+def data_validate(
+    path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file."),
+    check_media: bool = typer.Option(False, "--check-media", help="Also decode every media file."),
+) -> None:
+    """Validate a dataset file and print statistics; exit 1 on any problem."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from echoink.data.report import build_report
+
+    console = Console()
+    report = build_report(path, check_media=check_media)
+    for problem in report.problems:
+        console.print(f"[red]error[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+
+    table = Table(title=f"{path} — {len(report.records)} valid record(s)", show_header=True)
+    table.add_column("statistic")
+    table.add_column("value")
+    table.add_row("data_type", ", ".join(f"{k}: {v}" for k, v in sorted(report.data_types.items())) or "-")
+    if report.needs:
+        table.add_row("needs", ", ".join(f"{k}: {v}" for k, v in sorted(report.needs.items())))
+    table.add_row("answer letters", ", ".join(f"{k}: {v}" for k, v in sorted(report.answer_letters.items())) or "-")
+    audio = report.audio_seconds
+    table.add_row("audio seconds", f"n={audio.count} min={audio.minimum:.2f} mean={audio.mean:.2f} "
+                  f"max={audio.maximum:.2f} (over the 10 s cap: {report.audio_over_cap})" if audio.count else "-")
+    width, height, pixels = report.image_widths, report.image_heights, report.image_pixels
+    table.add_row("image sizes", f"n={pixels.count} width {width.minimum:.0f}-{width.maximum:.0f}, height "
+                  f"{height.minimum:.0f}-{height.maximum:.0f}, mean {pixels.mean:,.0f} px "
+                  f"(resized down: {report.images_over_cap})" if pixels.count else "-")
+    table.add_row("media decoded", "yes" if report.media_checked else "no (use --check-media)")
+    console.print(table)
+    if not report.ok:
+        console.print(f"[red]{len(report.problems)} problem(s) found[/red]")
+        raise typer.Exit(code=1)
+    console.print("[green]ok[/green]")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., "--out", help="Output directory (gets train/ and valid/)."),
+    train: int = typer.Option(200, "--train", min=0, help="Number of training items."),
+    valid: int = typer.Option(50, "--valid", min=0, help="Number of validation items."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    families: Optional[str] = typer.Option(None, "--families", help="Comma-separated family names (default: all)."),
+    shuffle_options: bool = typer.Option(True, "--shuffle-options/--fixed-options",
+                                         help="Shuffle options (balanced answer letters) or keep each family's order."),
+) -> None:
+    """Write a synthetic audio-visual multiple-choice set in the AVQA-R1 layout."""
+    from rich.console import Console
+
+    from echoink.data.synth import write_synthetic_dataset
+
+    chosen = [name.strip() for name in families.split(",") if name.strip()] if families else None
+    try:
+        result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
+    except ValueError as exc:
+        _fail(str(exc))
+    console = Console()
+    for split, info in result["splits"].items():
+        mix = ", ".join(f"{k}: {v}" for k, v in sorted(info["families"].items()))
+        console.print(f"{split}: {info['count']} items -> {info['json']}  ({mix})", highlight=False)
+
+
+@data_app.command("convert-omniinstruct")
+def data_convert_omniinstruct(
+    source: Path = typer.Option(..., "--source", help="Directory holding OmniInstruct-v1 parquet files."),
+    split: str = typer.Option(..., "--split", help="train or valid."),
+    out: Path = typer.Option(..., "--out", help="Output directory (AVQA-R1 layout)."),
+) -> None:
+    """Rebuild AVQA-R1-6K (AVQA rows, four options) from a local OmniInstruct-v1 copy."""
+    from rich.console import Console
+
+    from echoink.data.omniinstruct import convert_omniinstruct
+
+    if split not in ("train", "valid"):
+        _fail(f"--split must be train or valid, got {split!r}")
+    try:
+        report = convert_omniinstruct(source, split, out)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    Console().print(report.summary(), highlight=False)
+
+
+# ---- training commands ------------------------------------------------------------------------
+
+# ---- evaluation and analysis commands ---------------------------------------------------------
+
+
+def _ci_text(value: float, low: float, high: float) -> str:
+    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+@app.command("metrics")
+def metrics_command(
+    predictions: list[Path] = typer.Argument(..., help="One or more predictions.jsonl files (one table row each)."),
+    against: Optional[Path] = typer.Option(None, "--against",
+                                           help="Baseline predictions: paired comparison of every file against it."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
+) -> None:
+    """Accuracy (95% Wilson CI), majority vote, pass@k, format and parse rates; paired tests with --against."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
+
+    try:
+        rows = {str(path): load_predictions(path) for path in predictions}
+        baseline = load_predictions(against) if against is not None else None
+        summaries = {name: accuracy_summary(file_rows) for name, file_rows in rows.items()}
+        comparisons = ({name: paired_comparison(file_rows, baseline) for name, file_rows in rows.items()}
+                       if baseline is not None else {})
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+    if as_json:
+        payload = {"files": summaries}
+        if against is not None:
+            payload["against"] = {"baseline": str(against), "comparisons": comparisons}
+        typer.echo(json.dumps(payload, indent=2))
+        return
+
+    console = Console()
+    table = Table(title="Evaluation metrics (accuracy in %, 95% Wilson interval)")
+    for column in ("file", "n", "problems", "accuracy", "K", "mean±std over samples", "majority",
+                   "pass@K", "unparsed", "format", "reply tokens"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    for name, s in summaries.items():
+        k = s["samples_per_problem"]
+        pass_k = s["pass_at_k"].get(f"pass@{len(s['pass_at_k'])}")
+        table.add_row(
+            name, str(s["n"]), str(s["n_problems"]), _ci_text(s["accuracy"], s["ci_low"], s["ci_high"]), str(k),
+            f"{100 * s['accuracy_mean']:.1f}±{100 * s['accuracy_std']:.1f}", f"{100 * s['majority_vote_accuracy']:.1f}",
+            f"{100 * pass_k:.1f} (k={len(s['pass_at_k'])})", f"{100 * s['unparsed_rate']:.1f}",
+            "-" if s["format_rate"] is None else f"{100 * s['format_rate']:.1f}",
+            "-" if s["mean_reply_tokens"] is None else f"{s['mean_reply_tokens']:.0f}",
+        )
+    console.print(table)
+
+    breakdown = Table(title="Breakdown (accuracy in %, 95% Wilson interval)")
+    for column in ("file", "by", "group", "n", "accuracy"):
+        breakdown.add_column(column, justify="right" if column in ("n", "accuracy") else "left")
+    for name, s in summaries.items():
+        for by in ("data_type", "needs"):
+            for group, block in s[f"by_{by}"].items():
+                breakdown.add_row(name, by, group, str(block["n"]),
+                                  _ci_text(block["accuracy"], block["ci_low"], block["ci_high"]))
+    if breakdown.row_count:
+        console.print(breakdown)
+
+    if comparisons:
+        paired = Table(title=f"Paired comparison against {against} (per-problem score; difference in points)")
+        for column in ("file", "shared", "accuracy", "baseline", "difference [95% bootstrap CI]", "wins/losses/ties",
+                       "McNemar p"):
+            paired.add_column(column, justify="left" if column == "file" else "right")
+        for name, c in comparisons.items():
+            paired.add_row(name, str(c["n_shared"]), f"{100 * c['accuracy_a']:.1f}", f"{100 * c['accuracy_b']:.1f}",
+                           f"{100 * c['difference']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]",
+                           f"{c['wins']}/{c['losses']}/{c['ties']}", f"{c['mcnemar_p']:.4g}")
+        console.print(paired)
+
+
+@app.command("plot")
+def plot_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (with metrics.jsonl) or a metrics.jsonl file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/curves.png)."),
+) -> None:
+    """Draw the training curves (accuracy/format reward, length, KL, reward std, eval accuracy) to a PNG."""
+    from echoink.analysis.curves import plot_training_curves
+
+    if out is None:
+        out = (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    try:
+        written = plot_training_curves(run_dir, out)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {written}")
+
+
+@app.command("aha")
+def aha_command(
+    source: Path = typer.Argument(..., help="Run directory (with completions.jsonl) or a predictions.jsonl file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),
+    patterns: Optional[Path] = typer.Option(None, "--patterns",
+                                            help="Text file of reflective phrases, one per line (# comments)."),
+) -> None:
+    """Mine reflective expressions ("wait", "hmm", ...) and answer revisions; write report, examples, plot."""
+    from rich.console import Console
+
+    from echoink.analysis.aha import load_patterns, mine_aha
+
+    if out is None:
+        out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")
+    try:
+        phrases = load_patterns(patterns) if patterns is not None else None
+        report = mine_aha(source, out, phrases)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console = Console(highlight=False, soft_wrap=True)
+    revisions = report["revisions"]
+    console.print(f"{report['n_completions']} completions ({report['kind']}): "
+                  f"{100 * report['reflection_rate']:.1f}% with a reflective expression, "
+                  f"{report['mean_reflections']:.2f} per completion")
+    top = list(report["expression_counts"].items())[:8]
+    if top:
+        console.print("top expressions: " + ", ".join(f"{e!r} {c['count']}" for e, c in top))
+    console.print(f"revisions: {revisions['n']} (fixed {revisions['fixed']}, broke {revisions['broke']}, "
+                  f"changed {revisions['changed']}) among {revisions['n_with_stated_answer']} completions "
+                  "that state an answer while thinking")
+    for label, path in report["outputs"].items():
+        if path is not None:
+            console.print(f"wrote {path}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

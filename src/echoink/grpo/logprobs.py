@@ -1,0 +1,186 @@
+"""Per-token log-probabilities of each group's completions under a model.
+
+    group_token_logps(model, groups, sharing) -> list of [G, C] tensors (one per group)
+
+logp[i, t] = log softmax(logits / temperature)[completion_ids[i, t]] for the logits that predict
+completion token t of completion i. Values under the completion mask's zeros are meaningless.
+
+Three exact paths (`sharing`), equal within float rounding (tests compare them):
+
+* "none"     the plain repeat-G path: the thinker's own forward on G copies of [prompt, completion_i],
+             media repeated G times, so encoders and prompt run G times (what other trainers do).
+* "encoders" the encoders run once per prompt (`embed_prompt`); the language model still runs on
+             G x (P + C) tokens.
+* "full"     the prompt runs once too. Two ways, chosen by the situation:
+             - prompt KV cache (default): the prompt is run once with grad, its cache repeated G ways
+               (differentiable), and the completions attend to it: P + G*C tokens.
+             - packed sequence (when gradient checkpointing is on in training, because transformers
+               drops `past_key_values` there): one sequence [prompt, c_1 ... c_G] with a block-causal
+               mask (completion i sees the prompt and itself) and per-completion positions:
+               P + sum C_i tokens, no padding; the dense mask computes the masked blocks too.
+
+The [N, vocab] logits are produced in row chunks and reduced to log-probs immediately (with the
+chunk recomputed in backward), so [G, C, vocab] fp32 logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
+
+from echoink.grpo.types import Group
+from echoink.model.prompt_embedding import completion_positions, embed_prompt, prompt_positions
+
+SHARING = ("none", "encoders", "full")
+
+
+def group_token_logps(model, groups: list[Group], sharing: str = "full", temperature: float = 1.0,
+                      chunk_size: int = 1024) -> list[torch.Tensor]:
+    """-> one [G, C] tensor of per-token log-probs per group (with grad if grad is enabled)."""
+    if sharing not in SHARING:
+        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    results = []
+    for group in groups:
+        if sharing == "none":
+            hidden = _hidden_plain(model, group)
+        elif sharing == "encoders":
+            hidden = _hidden_encoders_once(model, group)
+        elif model.training and getattr(model, "is_gradient_checkpointing", False):
+            hidden = _hidden_packed(model, group)
+        else:
+            hidden = _hidden_prompt_cache(model, group)
+        results.append(token_logps_from_hidden(model.lm_head, hidden, group.completion_ids, temperature, chunk_size))
+    return results
+
+
+def token_logps_from_hidden(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                            chunk_size: int = 1024) -> torch.Tensor:
+    """hidden [G, C, H] (the states that predict each target), targets [G, C] -> log-probs [G, C].
+
+    Rows are processed `chunk_size` at a time; each chunk's logits are recomputed in backward
+    instead of being stored, so peak memory holds one [chunk_size, vocab] fp32 block.
+    """
+    g, c, h = hidden.shape
+    flat_hidden, flat_targets = hidden.reshape(g * c, h), targets.reshape(g * c)
+    pieces = []
+    for start in range(0, g * c, chunk_size):
+        rows = slice(start, start + chunk_size)
+        if torch.is_grad_enabled() and flat_hidden.requires_grad:
+            pieces.append(checkpoint(_chunk_logps, lm_head, flat_hidden[rows], flat_targets[rows], temperature,
+                                     use_reentrant=False))
+        else:
+            pieces.append(_chunk_logps(lm_head, flat_hidden[rows], flat_targets[rows], temperature))
+    return torch.cat(pieces).view(g, c)
+
+
+def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = lm_head(hidden).float() / temperature                       # [n, V]
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+# ---- the three ways to get the hidden states that predict each completion token ------------------
+
+def _hidden_plain(model, group: Group) -> torch.Tensor:
+    """Thinker forward on G copies of [prompt, completion]: -> [G, C, H]."""
+    prompt, g, p = group.prompt, group.size, group.prompt.length
+    ids = torch.cat([prompt.input_ids.expand(g, -1), group.completion_ids], dim=1)          # [G, P + C]
+    out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      use_audio_in_video=prompt.use_audio_in_video, use_cache=False,
+                      **_repeat_media(prompt.media, g))
+    model.model.rope_deltas = None  # state the thinker keeps between forwards; don't let it leak
+    return out.last_hidden_state[:, p - 1:-1]
+
+
+def _repeat_media(media: dict[str, torch.Tensor], g: int) -> dict[str, torch.Tensor]:
+    """Media of one prompt repeated for G identical prompts (what the plain path feeds the thinker)."""
+    repeated = {}
+    for key, value in media.items():
+        if key in ("input_features", "feature_attention_mask", "image_grid_thw", "video_grid_thw", "video_second_per_grid"):
+            repeated[key] = value.repeat(g, *([1] * (value.dim() - 1)))
+        else:  # pixel_values / pixel_values_videos: patches of all images are concatenated
+            repeated[key] = value.repeat(g, 1)
+    return repeated
+
+
+def _hidden_encoders_once(model, group: Group) -> torch.Tensor:
+    """Encoders once, language model on G x (P + C) tokens: -> [G, C, H]."""
+    prompt, g, p = group.prompt, group.size, group.prompt.length
+    prompt_embeds = embed_prompt(model, prompt)                                             # [1, P, H]
+    completion_embeds = model.get_input_embeddings()(group.completion_ids)                  # [G, C, H]
+    embeds = torch.cat([prompt_embeds.expand(g, -1, -1), completion_embeds], dim=1)        # [G, P + C, H]
+    prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
+    positions = torch.cat([prompt_pos, completion_positions(prompt_pos, group.completion_ids.shape[1])], dim=2)
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions.expand(3, g, -1), use_cache=False)
+    return out.last_hidden_state[:, p - 1:-1]
+
+
+def _hidden_prompt_cache(model, group: Group) -> torch.Tensor:
+    """Prompt once with a KV cache repeated G ways: -> [G, C, H]."""
+    prompt, g, c = group.prompt, group.size, group.completion_ids.shape[1]
+    language_model = model.model.language_model
+    prompt_pos = prompt_positions(model, prompt)
+    out = language_model(inputs_embeds=embed_prompt(model, prompt), position_ids=prompt_pos, use_cache=True)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(g)
+    last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                     # [G, 1, H]
+    if c == 1:
+        return last_prompt_state
+    completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])          # [G, C-1, H]
+    positions = completion_positions(prompt_pos, c - 1).expand(3, g, -1)
+    out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=cache,
+                         use_cache=True)
+    return torch.cat([last_prompt_state, out.last_hidden_state], dim=1)
+
+
+def _hidden_packed(model, group: Group) -> torch.Tensor:
+    """One packed sequence [prompt, c_1 .. c_G] with a block-causal mask: -> [G, C, H]."""
+    prompt, g, c, p = group.prompt, group.size, group.completion_ids.shape[1], group.prompt.length
+    lengths = group.completion_lengths.clamp(min=1).tolist()                                # C_i (>= 1)
+    prompt_embeds = embed_prompt(model, prompt)[0]                                          # [P, H]
+    token_embeds = model.get_input_embeddings()
+    pieces, starts = [prompt_embeds], []
+    offset = p
+    for i, length in enumerate(lengths):
+        # completion i's inputs are its tokens 0..C_i-2 (token C_i-1 is only a target)
+        pieces.append(token_embeds(group.completion_ids[i, : length - 1]))
+        starts.append(offset)
+        offset += length - 1
+    embeds = torch.cat(pieces, dim=0).unsqueeze(0)                                          # [1, L, H]
+    total = embeds.shape[1]
+
+    prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
+    first = prompt_pos.max() + 1
+    pos_pieces = [prompt_pos] + [(first + torch.arange(n - 1, device=embeds.device)).view(1, 1, -1).expand(3, 1, -1)
+                                 for n in lengths]
+    positions = torch.cat(pos_pieces, dim=2)                                                # [3, 1, L]
+
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=embeds.device)            # [L, L] query x key
+    allowed[:p, :p] = torch.ones(p, p, dtype=torch.bool, device=embeds.device).tril()
+    for start, length in zip(starts, lengths):
+        end = start + length - 1
+        allowed[start:end, :p] = True
+        allowed[start:end, start:end] = torch.ones(length - 1, length - 1, dtype=torch.bool,
+                                                   device=embeds.device).tril()
+    mask = _attention_mask(model, allowed, embeds.dtype)
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                     use_cache=False)
+    states = out.last_hidden_state[0]                                                       # [L, H]
+
+    rows = []
+    for start, length in zip(starts, lengths):
+        # token 0 is predicted by the last prompt state, token t by completion state t-1
+        index = torch.cat([torch.tensor([p - 1], device=states.device),
+                           torch.arange(start, start + length - 1, device=states.device)])
+        rows.append(states.index_select(0, index))
+    hidden = pad_sequence(rows, batch_first=True)                                           # [G, max C_i, H]
+    return F.pad(hidden, (0, 0, 0, c - hidden.shape[1]))
+
+
+def _attention_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[L, L] bool -> the 4-D mask the attention implementation takes (sdpa: bool; eager: additive float)."""
+    if model.config._attn_implementation == "sdpa":
+        return allowed[None, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]

@@ -1,0 +1,188 @@
+"""The GRPO policy loss (clipped surrogate + optional k3 KL), in TRL's four aggregations.
+
+Notation and shapes (``N`` completions in the micro-batch, ``T`` completion tokens after padding):
+
+    logps, old_logps, ref_logps, mask : [N, T]      log pi(y_t | y_<t) under the policy being trained,
+                                                    the policy that sampled the completions, the reference;
+                                                    mask is 1 on real completion tokens, 0 on padding
+    advantages                        : [N]         one scalar per completion (see ``group_advantages``)
+
+Importance weights::
+
+    log_ratio[i, t] = logps[i, t] - old_logps[i, t]
+    token level    (GRPO):  w[i, t] = log_ratio[i, t]                                   [N, T]
+    sequence level (GSPO):  w[i]    = sum_t log_ratio[i, t] m[i, t] / max(1, sum_t m)   [N, 1] (broadcast over t)
+    coef_1 = exp(w)
+    coef_2 = clamp(coef_1, 1 - epsilon, 1 + epsilon_high)
+
+Per-token loss::
+
+    L[i, t] = -min(coef_1 * A[i], coef_2 * A[i])
+            + beta * KL[i, t]                                  (only when beta != 0)
+    KL[i, t] = exp(ref - logps) - (ref - logps) - 1            (Schulman's k3 estimator, >= 0)
+    KL[i, t] *= coef_1                                         (only when use_bias_correction_kl)
+
+Aggregation (``m`` = mask):
+
+    grpo    : mean_i [ sum_t L m / max(1, sum_t m) ]           (each sequence weighs the same; EchoInk-R1)
+    bnpo    : sum L m / max(1, sum m)                          (each token of this micro-batch weighs the same)
+    dr_grpo : sum L m / (N * max_completion_length)            (constant normaliser, no length bias)
+    dapo    : sum L m / num_items_in_batch                     (each token of the whole batch weighs the same)
+
+This mirrors TRL's ``GRPOTrainer._compute_loss`` (1.16) for these loss types and both importance-sampling
+levels. What TRL does around it and we leave to the trainer: dividing grpo/bnpo/dr_grpo by the number of
+gradient-accumulation steps, and gathering the global token count for dapo. For dapo TRL divides the local sum
+by ``global_active_tokens / num_processes`` (DDP then averages gradients over processes, giving
+``sum over all tokens / global_active_tokens``); pass exactly that value as ``num_items_in_batch`` to reproduce
+it. When ``num_items_in_batch`` is None the local active-token count is used (identical on one process without
+gradient accumulation).
+
+On-policy (``old_logps=None``, one optimisation step per generation): ``old_logps = logps.detach()``, so
+``coef_1 == 1`` in value but still carries the gradient of ``logps``: the surrogate's gradient is the plain
+policy gradient ``-A * grad logps``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+import torch
+
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
+
+
+def _check_inputs(
+    logps: torch.Tensor,
+    old_logps: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    if logps.dim() != 2:
+        raise ValueError(f"logps must be [N, T], got shape {tuple(logps.shape)}")
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if tensor is not None and tensor.shape != logps.shape:
+            raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {tuple(tensor.shape)}")
+    if advantages.shape != (logps.shape[0],):
+        raise ValueError(f"advantages must be [N] = [{logps.shape[0]}], got shape {tuple(advantages.shape)}")
+
+
+def _logged_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> torch.Tensor:
+    """Mean for logging, TRL's convention: a per-token quantity ``[N, T]`` -> mean over masked tokens;
+    a per-sequence quantity ``[N, 1]`` (sequence-level importance sampling) -> plain mean over the ``N`` sequences."""
+    if per_sequence:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logps: torch.Tensor,
+    old_logps: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: LossType = "grpo",
+    epsilon: float = 0.2,
+    epsilon_high: Optional[float] = None,
+    beta: float = 0.0,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
+    max_completion_length: Optional[int] = None,
+    use_bias_correction_kl: bool = False,
+    num_items_in_batch: Optional[Union[int, float, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped GRPO/GSPO surrogate loss with optional k3 KL penalty (formulas in the module docstring).
+
+    Args:
+        logps: ``[N, T]`` per-token log-probs of the trained policy (carries the gradient).
+        old_logps: ``[N, T]`` log-probs of the sampling policy, or None for on-policy (``logps.detach()``).
+        ref_logps: ``[N, T]`` log-probs of the reference policy; required when ``beta != 0``, ignored otherwise.
+        advantages: ``[N]`` one advantage per completion.
+        mask: ``[N, T]`` 1 (or True) on completion tokens, 0 on padding.
+        loss_type: ``"grpo"`` | ``"bnpo"`` | ``"dr_grpo"`` | ``"dapo"`` (aggregation, see module docstring).
+        epsilon: lower clip range, ``coef_2 >= 1 - epsilon``.
+        epsilon_high: upper clip range, ``coef_2 <= 1 + epsilon_high``; defaults to ``epsilon``.
+        beta: KL coefficient (0 disables the KL term and the reference model).
+        importance_sampling_level: ``"token"`` (GRPO) or ``"sequence"`` (GSPO).
+        max_completion_length: the generation cap; required by ``dr_grpo``.
+        use_bias_correction_kl: multiply the per-token KL by ``coef_1`` (TRL 1.16's default is True;
+            ours is False, EchoInk-R1's form).
+        num_items_in_batch: normaliser for ``dapo`` (see module docstring); default: local active-token count.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` a 0-dim tensor with gradient w.r.t. ``logps``; ``stats`` detached 0-dim
+        tensors: ``kl`` (masked mean of the per-token KL as added to the loss, 0 when ``beta == 0``),
+        ``clip_ratio/low_mean`` (share of ratios below ``1 - epsilon`` with ``A < 0``: the lower clip is
+        active), ``clip_ratio/high_mean`` (above ``1 + epsilon_high`` with ``A > 0``),
+        ``clip_ratio/region_mean`` (either), ``ratio_mean`` (mean ``coef_1``). Token level: means over
+        masked tokens; sequence level: means over sequences (TRL's convention).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
+        )
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if epsilon < 0 or epsilon_high < 0:
+        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta != 0.0 and ref_logps is None:
+        raise ValueError(f"beta={beta} needs ref_logps (the reference model's log-probs); pass them or set beta=0")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}")
+    _check_inputs(logps, old_logps, ref_logps, advantages, mask)
+
+    mask = mask.to(logps.dtype)  # [N, T]
+    adv = advantages.to(logps.dtype).unsqueeze(1)  # [N, 1]
+    old_logps = logps.detach() if old_logps is None else old_logps
+
+    log_ratio = logps - old_logps  # [N, T]
+    if importance_sampling_level == "token":
+        log_weights = log_ratio  # [N, T]
+    else:
+        log_weights = ((log_ratio * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).unsqueeze(1)  # [N, 1]
+    coef_1 = torch.exp(log_weights)
+    coef_2 = torch.clamp(coef_1, 1.0 - epsilon, 1.0 + epsilon_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)  # [N, T] or [N, 1]
+
+    if beta != 0.0:
+        ref_minus_policy = ref_logps - logps  # [N, T]
+        per_token_kl = torch.exp(ref_minus_policy) - ref_minus_policy - 1.0
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+        per_token_loss = per_token_loss + beta * per_token_kl
+    per_token_loss = per_token_loss.expand_as(mask)  # [N, T]
+
+    masked_loss = per_token_loss * mask
+    if loss_type == "grpo":
+        loss = (masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_loss.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)
+    else:  # dapo
+        if num_items_in_batch is None:
+            normaliser = mask.sum().clamp(min=1.0)
+        else:
+            normaliser = torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1.0)
+        loss = masked_loss.sum() / normaliser
+
+    with torch.no_grad():
+        is_low_clipped = ((coef_1 < 1.0 - epsilon) & (adv < 0)).to(logps.dtype)
+        is_high_clipped = ((coef_1 > 1.0 + epsilon_high) & (adv > 0)).to(logps.dtype)
+        is_region_clipped = torch.maximum(is_low_clipped, is_high_clipped)
+        per_sequence = importance_sampling_level == "sequence"  # coef_1 and the clip flags are [N, 1]
+        zero = torch.zeros((), dtype=logps.dtype, device=logps.device)
+        stats = {
+            "kl": _logged_mean(per_token_kl, mask, per_sequence=False) if beta != 0.0 else zero,
+            "clip_ratio/low_mean": _logged_mean(is_low_clipped, mask, per_sequence),
+            "clip_ratio/high_mean": _logged_mean(is_high_clipped, mask, per_sequence),
+            "clip_ratio/region_mean": _logged_mean(is_region_clipped, mask, per_sequence),
+            "ratio_mean": _logged_mean(coef_1, mask, per_sequence),
+        }
+    return loss, {name: value.detach() for name, value in stats.items()}

@@ -1,0 +1,252 @@
+"""A tiny random-initialised Qwen2.5-Omni checkpoint, built entirely offline.
+
+Tests, the demo and the benchmarks use it in place of Qwen2.5-Omni-7B. It has the real model's
+architecture classes, special tokens, chat template, processors and file layout, so the code that
+loads and trains it is the code that loads and trains the 7B model:
+
+    layout "full"     config.json with model_type qwen2_5_omni (thinker + talker + token2wav configs) and
+                      weights prefixed `thinker.` / `talker.` / `token2wav.` in the published key naming
+    layout "thinker"  config.json with model_type qwen2_5_omni_thinker, what our trainer saves
+
+Sizes (`TinySpec`): "tiny" (1.6 M parameters: text hidden 128 x 2 layers, audio d_model 64 x 1,
+vision hidden 64 x 1) for tests and the demo; "bench" (text hidden 512 x 4, encoders 4 layers) for
+the group-sharing benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    Qwen2_5OmniThinkerConfig,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from echoink.model.processor import OmniProcessor, save_processor
+from echoink.model.video_processor import NumpyQwenVideoProcessor
+
+# Qwen2.5-Omni's special tokens, in the published order (ids 151643 ... 151656 there; here they
+# follow the tiny BPE vocabulary in the same order).
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
+    "<|IMAGE|>", "<|VIDEO|>",
+]
+# Attribute names the processor looks up on the tokenizer.
+NAMED_SPECIAL_TOKENS = {
+    "image_token": "<|IMAGE|>",
+    "audio_token": "<|AUDIO|>",
+    "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+}
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+# Renders messages the way Qwen2.5-Omni's published chat template does: the default system message
+# when the conversation has none, then each media part as its placeholder between boundary tokens.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part -%}{{- '<|vision_bos|><|IMAGE|><|vision_eos|>' -}}"
+    "{%- elif part['type'] == 'audio' or 'audio' in part -%}{{- '<|audio_bos|><|AUDIO|><|audio_eos|>' -}}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}{{- '<|vision_bos|><|VIDEO|><|vision_eos|>' -}}"
+    "{%- elif 'text' in part -%}{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+# Text the tiny BPE is trained on: the prompt, the answer format and the words of our synthetic tasks.
+_CORPUS_EXTRA = [
+    "<think>", "</think>", "<answer>", "</answer>", "<think>ok</think><answer>A</answer>",
+    "A. B. C. D. A B C D Options:", "What colour is the shape? What is the pitch of the tone?",
+    "red green blue yellow purple orange white black circle square triangle star",
+    "low high medium very low very high beeps one two three four five six",
+    "How many beeps are there? Which shape is moving? What is making the sound?",
+    "let me think wait Hmm oh, I see let's break it down actually on second thought re-check",
+    "The answer is so the tone is the colour of the shape is I hear I see",
+    "You are a helpful assistant.",
+]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape of a tiny thinker. Output widths of both encoders equal `text_hidden` (a Qwen constraint)."""
+
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_intermediate: int = 256
+    audio_d_model: int = 64
+    audio_layers: int = 1
+    audio_heads: int = 2
+    vision_hidden: int = 64
+    vision_layers: int = 1
+    vision_heads: int = 2
+    bpe_vocab: int = 1000
+
+
+TINY = TinySpec()
+BENCH = TinySpec(text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=2, text_intermediate=1024,
+                 audio_d_model=128, audio_layers=4, audio_heads=4, vision_hidden=128, vision_layers=4,
+                 vision_heads=4)
+SPECS = {"tiny": TINY, "bench": BENCH}
+
+
+def build_tokenizer(bpe_vocab: int = 1000) -> Qwen2Tokenizer:
+    """Byte-level BPE trained offline on `_CORPUS_EXTRA` + the EchoInk-R1 prompt, plus Qwen's special tokens."""
+    from echoink.prompts import ANSWER_SUFFIX, THINK_PROMPT
+
+    corpus = [THINK_PROMPT, ANSWER_SUFFIX, *_CORPUS_EXTRA]
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    trainer_tok.train_from_iterator(corpus * 4, trainer=trainer)
+    model = json.loads(trainer_tok.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, extra_special_tokens=dict(NAMED_SPECIAL_TOKENS),
+        additional_special_tokens=SPECIAL_TOKENS, model_max_length=32768,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_processor(spec: TinySpec = TINY) -> OmniProcessor:
+    tokenizer = build_tokenizer(spec.bpe_vocab)
+    feature_extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160,
+                                                chunk_length=30, n_fft=400, return_attention_mask=True)
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=4 * 28 * 28, max_pixels=256 * 28 * 28)
+    video_processor = NumpyQwenVideoProcessor(min_pixels=4 * 28 * 28, max_pixels=128 * 28 * 28)
+    return OmniProcessor(image_processor=image_processor, video_processor=video_processor,
+                         feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def thinker_config(tokenizer: Qwen2Tokenizer, spec: TinySpec = TINY) -> Qwen2_5OmniThinkerConfig:
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    head_dim = spec.text_hidden // spec.text_heads
+    quarter = head_dim // 2 // 4  # mrope_section must sum to head_dim / 2, split (t, h, w) ~ (1/4, 3/8, 3/8)
+    mrope = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
+    return Qwen2_5OmniThinkerConfig(
+        audio_config={
+            "num_mel_bins": 128, "encoder_layers": spec.audio_layers, "encoder_attention_heads": spec.audio_heads,
+            "encoder_ffn_dim": 2 * spec.audio_d_model, "d_model": spec.audio_d_model,
+            "output_dim": spec.text_hidden, "max_source_positions": 1500, "n_window": 100,
+        },
+        vision_config={
+            "depth": spec.vision_layers, "hidden_size": spec.vision_hidden, "num_heads": spec.vision_heads,
+            "intermediate_size": 2 * spec.vision_hidden, "out_hidden_size": spec.text_hidden,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+            "fullatt_block_indexes": [spec.vision_layers - 1], "in_channels": 3,
+        },
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": spec.text_hidden, "intermediate_size": spec.text_intermediate,
+            "num_hidden_layers": spec.text_layers, "num_attention_heads": spec.text_heads,
+            "num_key_value_heads": spec.text_kv_heads, "max_position_embeddings": 32768,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+            "tie_word_embeddings": False, "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        },
+        audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
+        audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
+        vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
+        user_token_id=tokenizer.convert_tokens_to_ids("user") if "user" in tokenizer.get_vocab() else 0,
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_thinker(spec: TinySpec = TINY, seed: int = 0):
+    """-> (random-initialised thinker in fp32, processor)."""
+    processor = build_processor(spec)
+    config = thinker_config(processor.tokenizer, spec)
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniThinkerForConditionalGeneration(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval(), processor
+
+
+def write_tiny_checkpoint(out_dir: str | Path, layout: str = "thinker", seed: int = 0, size: str = "tiny") -> Path:
+    """Write a tiny checkpoint + processor files to `out_dir` in the given layout; returns the path."""
+    if layout not in ("full", "thinker"):
+        raise ValueError(f"layout must be 'full' or 'thinker', got {layout!r}")
+    if size not in SPECS:
+        raise ValueError(f"size must be one of {sorted(SPECS)}, got {size!r}")
+    out_dir = Path(out_dir)
+    model, processor = build_tiny_thinker(SPECS[size], seed)
+    if layout == "thinker":
+        from echoink.model.loading import save_thinker
+
+        save_thinker(model, processor, out_dir)
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_processor(processor, out_dir)
+    _write_full_layout(model, out_dir, seed)
+    return out_dir
+
+
+def _write_full_layout(model, out_dir: Path, seed: int) -> None:
+    """The published Qwen2.5-Omni layout: one config for thinker/talker/token2wav, prefixed weights.
+
+    The published checkpoint predates transformers' `model.language_model` nesting: its thinker
+    keys are `thinker.audio_tower.*`, `thinker.visual.*`, `thinker.model.*` (the text model) and
+    `thinker.lm_head.*`. We write the same names, so loading exercises the same key conversion.
+    The talker and token2wav weights are small random stand-ins that the loader must skip.
+    """
+    thinker_cfg = model.config.to_dict()
+    config = {
+        "architectures": ["Qwen2_5OmniModel"],
+        "model_type": "qwen2_5_omni",
+        "enable_audio_output": True,
+        "thinker_config": thinker_cfg,
+        "talker_config": {"model_type": "qwen2_5_omni_talker", "hidden_size": 32, "num_hidden_layers": 1,
+                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+                          "intermediate_size": 64, "vocab_size": 64, "embedding_size": thinker_cfg["text_config"]["hidden_size"]},
+        "token2wav_config": {"model_type": "qwen2_5_omni_token2wav"},
+        "torch_dtype": "float32",
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        published = name.replace("model.language_model.", "model.").replace("model.audio_tower.", "audio_tower.")
+        published = published.replace("model.visual.", "visual.")
+        tensors[f"thinker.{published}"] = tensor.contiguous()
+    generator = torch.Generator().manual_seed(seed)
+    tensors["talker.model.embed_tokens.weight"] = torch.randn(64, 32, generator=generator)
+    tensors["talker.codec_head.weight"] = torch.randn(64, 32, generator=generator)
+    tensors["token2wav.code2wav_dit_model.input_embed.proj.weight"] = torch.randn(16, 16, generator=generator)
+    # Two shards + an index, like the published checkpoint.
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    weight_map = {}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(out_dir / shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in keys})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,319 @@
+"""Rewards: the one answer parser, EchoInk-R1's accuracy and format rewards, and the reward registry.
+
+* :func:`extract_answer` is the only place that reads an answer out of a completion; evaluation
+  imports it (and :func:`answer_letter`) so training and evaluation agree by construction.
+* :func:`accuracy_reward` is 1.0 iff the stripped text inside the *first* ``<answer>...</answer>``
+  block equals the solution's letter exactly ("C" counts; "C.", "c", "C. Police car siren" do not).
+* :func:`format_reward` is 1.0 iff the stripped completion is exactly one ``<think>...</think>``
+  block, optional whitespace, and exactly one ``<answer>...</answer>`` block.
+* Both run in linear time (plain string searches; no backtracking regular expressions).
+* Rewards are named in the config (``reward_funcs: [accuracy, format]``, ``reward_weights``); a name is
+  a registry key (:data:`REWARDS`) or ``"package.module:function"``, which **imports that module**, so
+  only name code you trust. User rewards use TRL's signature ``f(completions, **columns) -> list[float]``.
+* :func:`compute_rewards` calls every function and stops with :class:`RewardError`, naming the
+  function and the sample, when one raises, returns the wrong number of values or a non-finite value.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "REWARDS",
+    "RewardError",
+    "RewardFunc",
+    "accuracy_reward",
+    "answer_letter",
+    "check_reward_weights",
+    "completion_text",
+    "compute_rewards",
+    "extract_answer",
+    "format_reward",
+    "resolve_reward",
+    "resolve_rewards",
+    "weighted_total",
+]
+
+RewardFunc = Callable[..., Sequence[float]]
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+_TAGS = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
+
+
+class RewardError(RuntimeError):
+    """A reward function failed; the message names the function and the sample."""
+
+
+# ---- answer extraction (shared with evaluation) ------------------------------------------------------
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string as is, or the content of TRL's conversational form
+    (``[{"role": "assistant", "content": "..."}]`` or one such dict)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        return _content_text(completion.get("content", ""))
+    if isinstance(completion, Sequence):
+        return "".join(_content_text(m.get("content", "")) if isinstance(m, Mapping) else str(m) for m in completion)
+    raise TypeError(f"a completion must be a string or a list of messages, got {type(completion).__name__}")
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):  # [{"type": "text", "text": ...}, ...]
+        return "".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+    return str(content)
+
+
+def extract_answer(text: str) -> str | None:
+    """The stripped content of the first ``<answer>...</answer>`` block, or None when there is none.
+
+    "First block" means the first ``<answer>`` that has a ``</answer>`` after it, closed by the
+    nearest such ``</answer>``. Linear time.
+    """
+    start = text.find(ANSWER_OPEN)
+    if start < 0:
+        return None
+    end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+    if end < 0:
+        return None
+    return text[start + len(ANSWER_OPEN) : end].strip()
+
+
+# Lenient reading (evaluation reports only; never a reward). Possessive quantifiers keep it linear.
+_LEADING_LETTER = re.compile(r"\(([A-Z])\)(?=$|[\s.,:;!?])|([A-Z])(?:$|[.:)](?=$|\s))")
+_ANSWER_CUE = re.compile(
+    r"(?i:\banswer)(?:\s++is\b)?+\s*+[:\-]?+\s*+(?:\(([A-Z])\)|([A-Z])(?=$|[.,;:!?)]|\s++(?:$|[^a-z\s])))"
+)
+_OPTION_CUE = re.compile(r"(?i:\b(?:option|choice))\s*+\(?+([A-Z])(?![A-Za-z])")
+
+
+def answer_letter(text: str, lenient: bool = False) -> str | None:
+    """The option letter a completion gives, or None.
+
+    Strict (the default) is exactly :func:`accuracy_reward`'s rule: the content of the first answer
+    block when it is a single uppercase letter. ``lenient=True`` also reads, inside the answer block
+    or, without one, in the text after the last ``</think>``: "(C)", "C.", "C)", "C: ...",
+    "C. Police car siren", "Answer: C", "the answer is (C)", "option C". A lone article ("a", or "A"
+    followed by a lower-case word, as in "A dog barks") is never read as a letter.
+    """
+    answer = extract_answer(text)
+    if answer is not None and len(answer) == 1 and "A" <= answer <= "Z":
+        return answer
+    if not lenient:
+        return None
+    if answer is not None:
+        leading = _LEADING_LETTER.match(answer)
+        if leading:
+            return leading.group(1) or leading.group(2)
+        return _first_cue_letter(answer)
+    think_end = text.rfind(THINK_CLOSE)
+    tail = text[think_end + len(THINK_CLOSE) :] if think_end >= 0 else text
+    return _last_cue_letter(tail)
+
+
+def _first_cue_letter(text: str) -> str | None:
+    for pattern in (_ANSWER_CUE, _OPTION_CUE):
+        match = pattern.search(text)
+        if match:
+            return next(group for group in match.groups() if group)
+    return None
+
+
+def _last_cue_letter(text: str) -> str | None:
+    best: tuple[int, str] | None = None
+    for pattern in (_ANSWER_CUE, _OPTION_CUE):
+        for match in pattern.finditer(text):
+            if best is None or match.start() >= best[0]:
+                best = (match.start(), next(group for group in match.groups() if group))
+    return best[1] if best else None
+
+
+def _solution_answer(solution: str) -> str:
+    """The expected answer: the content of the solution's answer block, or the stripped solution."""
+    inside = extract_answer(solution)
+    return inside if inside is not None else solution.strip()
+
+
+# ---- the two EchoInk-R1 rewards ----------------------------------------------------------------------
+
+
+def accuracy_reward(completions: Sequence[Any], solutions: Sequence[str] | None = None, **columns: Any) -> list[float]:
+    """1.0 iff the first answer block's stripped content equals the solution's answer exactly.
+
+    ``solutions`` are ``"<answer>C</answer>"`` strings (or bare letters). The TRL-style call
+    ``accuracy_reward(completions, solution=[...], **other_columns)`` works too.
+    """
+    if solutions is None:
+        solutions = columns.get("solution")
+    if solutions is None:
+        raise TypeError("accuracy_reward needs the solutions (positional, or the 'solution' column)")
+    if len(solutions) != len(completions):
+        raise ValueError(f"accuracy_reward got {len(completions)} completions but {len(solutions)} solutions")
+    rewards = []
+    for completion, solution in zip(completions, solutions):
+        given = extract_answer(completion_text(completion))
+        rewards.append(1.0 if given is not None and given == _solution_answer(solution) else 0.0)
+    return rewards
+
+
+def format_reward(completions: Sequence[Any], **columns: Any) -> list[float]:
+    """1.0 iff the stripped completion is ``<think>...</think>``, optional whitespace,
+    ``<answer>...</answer>`` and nothing else, each tag appearing exactly once."""
+    return [1.0 if _well_formed(completion_text(completion)) else 0.0 for completion in completions]
+
+
+def _well_formed(text: str) -> bool:
+    text = text.strip()
+    if not (text.startswith(THINK_OPEN) and text.endswith(ANSWER_CLOSE)):
+        return False
+    if any(text.count(tag) != 1 for tag in _TAGS):
+        return False
+    think_close = text.find(THINK_CLOSE)
+    answer_open = text.find(ANSWER_OPEN)
+    if think_close + len(THINK_CLOSE) > answer_open:
+        return False
+    return not text[think_close + len(THINK_CLOSE) : answer_open].strip()
+
+
+# ---- registry and user rewards -----------------------------------------------------------------------
+
+#: Built-in rewards by config name.
+REWARDS: dict[str, RewardFunc] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
+    """A reward function from a registry name ("accuracy"), a ``"package.module:function"`` path, or
+    a callable (returned as is).
+
+    A ``module:function`` path **imports that module**, running its top-level code: only name modules
+    you trust.
+    """
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a reward must be a registry name or 'package.module:function', got {spec!r}")
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown reward {spec!r}: use one of {', '.join(REWARDS)} "
+                         "or 'package.module:function' for your own")
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    function: Any = module
+    for part in attribute.split("."):
+        if not part or not hasattr(function, part):
+            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}")
+        function = getattr(function, part)
+    if not callable(function):
+        raise ValueError(f"reward {spec!r}: {attribute!r} is not callable")
+    return function
+
+
+def resolve_rewards(specs: Sequence[str | RewardFunc]) -> list[tuple[str, RewardFunc]]:
+    """``(name, function)`` pairs for the config's ``reward_funcs`` (names must be unique)."""
+    if not specs:
+        raise ValueError("at least one reward function is needed")
+    pairs = []
+    for spec in specs:
+        name = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
+        pairs.append((name, resolve_reward(spec)))
+    names = [name for name, _ in pairs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"reward functions listed twice: {duplicates}")
+    return pairs
+
+
+def check_reward_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    """Reward weights as an array (all ones when None); one finite weight per reward function."""
+    if weights is None:
+        return np.ones(count, dtype=np.float64)
+    if len(weights) != count:
+        raise ValueError(f"reward_weights has {len(weights)} values for {count} reward functions")
+    array = np.asarray(weights, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"reward_weights must be finite, got {list(weights)}")
+    return array
+
+
+def weighted_total(rewards: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Per-sample total reward: ``rewards [N, R] @ weights [R]``."""
+    return np.asarray(rewards, dtype=np.float64) @ np.asarray(weights, dtype=np.float64)
+
+
+def compute_rewards(
+    funcs: Sequence[tuple[str, RewardFunc]],
+    completions: Sequence[Any],
+    columns: Mapping[str, Sequence[Any]],
+) -> np.ndarray:
+    """Call each reward as ``f(completions, **columns)``; return float64 ``[N, R]``.
+
+    ``columns`` are per-sample lists (``solution``, ``problem_id``, any extra dataset field), each of
+    length N. Raises :class:`RewardError` naming the function and the sample when a function raises,
+    returns a number of values other than N, or returns a value that is not a finite number.
+    """
+    count = len(completions)
+    for column, values in columns.items():
+        if len(values) != count:
+            raise ValueError(f"column {column!r} has {len(values)} values for {count} completions")
+    table = np.zeros((count, len(funcs)), dtype=np.float64)
+    for j, (name, function) in enumerate(funcs):
+        try:
+            values = function(completions, **columns)
+        except Exception as exc:  # noqa: BLE001 - any failure stops training, with its location
+            raise _locate_failure(name, function, completions, columns, exc) from exc
+        try:
+            values = list(values)
+        except TypeError:
+            raise RewardError(f"reward function {name!r} returned {type(values).__name__}, "
+                              f"expected a list of {count} numbers") from None
+        if len(values) != count:
+            raise RewardError(f"reward function {name!r} returned {len(values)} values for {count} completions")
+        for i, value in enumerate(values):
+            number = _as_number(value)
+            if number is None or not math.isfinite(number):
+                raise RewardError(f"reward function {name!r} returned {value!r} for {_sample(i, columns)}; "
+                                  "rewards must be finite numbers")
+            table[i, j] = number
+    return table
+
+
+def _as_number(value: Any) -> float | None:
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sample(index: int, columns: Mapping[str, Sequence[Any]]) -> str:
+    problem_ids = columns.get("problem_id")
+    if problem_ids is not None and index < len(problem_ids):
+        return f"sample {index} (problem_id {problem_ids[index]!r})"
+    return f"sample {index}"
+
+
+def _locate_failure(name: str, function: RewardFunc, completions: Sequence[Any],
+                    columns: Mapping[str, Sequence[Any]], error: Exception) -> RewardError:
+    """Re-run the function one sample at a time to name the sample that makes it raise."""
+    for i in range(len(completions)):
+        try:
+            function(completions[i : i + 1], **{key: values[i : i + 1] for key, values in columns.items()})
+        except Exception as exc:  # noqa: BLE001
+            return RewardError(f"reward function {name!r} raised on {_sample(i, columns)}: "
+                               f"{type(exc).__name__}: {exc}")
+    return RewardError(f"reward function {name!r} raised on a batch of {len(completions)} completions: "
+                       f"{type(error).__name__}: {error}")

@@ -1,0 +1,91 @@
+import json
+import math
+import random
+
+import pytest
+
+from echoink.analysis.curves import ema, load_metrics, metric_series, plot_training_curves
+from echoink.analysis.jsonl import JsonlError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write_metrics(path, steps=60, with_eval=True, drop=()):
+    rng = random.Random(0)
+    lines = []
+    for step in range(1, steps + 1):
+        row = {
+            "step": step,
+            "reward": 1.0 + step / steps,
+            "rewards/accuracy": min(1.0, 0.4 + step / (2 * steps) + rng.uniform(-0.1, 0.1)),
+            "rewards/format": min(1.0, 0.7 + step / (3 * steps)),
+            "reward_std": 0.4 - step / (4 * steps),
+            "completion_length": 180 - step + rng.uniform(-10, 10),
+            "kl": 0.0005 * step,
+            "loss": 0.01,
+            "grad_norm": 1.0,
+            "learning_rate": 1e-6,
+        }
+        for key in drop:
+            row.pop(key, None)
+        lines.append(json.dumps(row))
+        if with_eval and step % 20 == 0:
+            lines.append(json.dumps({"step": step, "eval/accuracy": 0.5 + step / 400}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    width = int.from_bytes(data[16:20], "big")
+    height = int.from_bytes(data[20:24], "big")
+    return width, height, len(data)
+
+
+def test_plot_from_run_dir(tmp_path):
+    _write_metrics(tmp_path / "metrics.jsonl")
+    out = plot_training_curves(tmp_path, tmp_path / "plots" / "curves.png")
+    assert out == tmp_path / "plots" / "curves.png"
+    width, height, size = _png_size(out)
+    assert width > 1000 and height > 600 and size > 30_000
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["curves.png"]  # no temp file left behind
+
+
+def test_missing_keys_still_plot(tmp_path):
+    path = _write_metrics(tmp_path / "m.jsonl", steps=3, with_eval=False, drop=("kl", "reward_std"))
+    out = plot_training_curves(path, tmp_path / "c.png")
+    assert _png_size(out)[2] > 10_000
+
+
+def test_bad_file_names_line(tmp_path):
+    path = _write_metrics(tmp_path / "metrics.jsonl", steps=3, with_eval=False)
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(JsonlError, match=r"metrics\.jsonl:4"):
+        plot_training_curves(tmp_path, tmp_path / "c.png")
+    path.write_text('{"step": "ten", "kl": 1}\n')
+    with pytest.raises(JsonlError, match=r"metrics\.jsonl:1: 'step'"):
+        load_metrics(path)
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no logged steps"):
+        plot_training_curves(path, tmp_path / "c.png")
+    with pytest.raises(FileNotFoundError):
+        plot_training_curves(tmp_path / "nowhere", tmp_path / "c.png")
+
+
+def test_metric_series_skips_missing_and_non_finite():
+    rows = [{"step": 1, "kl": 0.1}, {"step": 2}, {"step": 3, "kl": None}, {"step": 4, "kl": float("nan")},
+            {"step": 5, "kl": 0.3}]
+    assert metric_series(rows, ("kl",)) == ("kl", [1, 5], [0.1, 0.3])
+    assert metric_series(rows, ("missing", "kl"))[0] == "kl"
+    assert metric_series(rows, ("missing",)) == (None, [], [])
+
+
+def test_ema_is_debiased():
+    assert ema([2.0, 2.0, 2.0], weight=0.9) == pytest.approx([2.0, 2.0, 2.0])
+    # w = 0.5: s1 = 0.5 -> 1.0 ; s2 = 0.25 + 1.5 = 1.75 -> 1.75 / 0.75
+    assert ema([1.0, 3.0], weight=0.5) == pytest.approx([1.0, 1.75 / 0.75])
+    assert ema([5.0]) == [5.0]
+    assert all(math.isfinite(v) for v in ema(list(range(1000))))
+    with pytest.raises(ValueError):
+        ema([1.0], weight=1.0)
