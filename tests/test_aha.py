@@ -186,3 +186,19 @@ def test_mine_aha_errors(tmp_path):
     bad.write_text(json.dumps({"completion": "x"}) + "\n")
     with pytest.raises(JsonlError, match=r"bad\.jsonl:1: .*integer 'step'"):
         mine_aha(bad, tmp_path / "out")
+
+
+def test_cli_aha_with_patterns_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from echoink.cli import app
+
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"problem_id": 1, "sample_idx": 0, "gt": "A", "pred": "A", "correct": True,
+                                "reply": _completion("Hmm, so B. Listen again: so A.", "A")}) + "\n")
+    phrases = tmp_path / "phrases.txt"
+    phrases.write_text("listen again\n")
+    result = CliRunner().invoke(app, ["aha", str(pred), "--patterns", str(phrases)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "pred_aha" / "aha_report.json").read_text())
+    assert report["expressions"] == ["listen again"] and report["revisions"]["fixed"] == 1

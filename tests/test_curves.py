@@ -89,3 +89,14 @@ def test_ema_is_debiased():
     assert all(math.isfinite(v) for v in ema(list(range(1000))))
     with pytest.raises(ValueError):
         ema([1.0], weight=1.0)
+
+
+def test_cli_plot(tmp_path):
+    from typer.testing import CliRunner
+
+    from echoink.cli import app
+
+    _write_metrics(tmp_path / "metrics.jsonl", steps=5)
+    result = CliRunner().invoke(app, ["plot", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC

@@ -242,6 +242,20 @@ def test_bool_mask_and_empty_sequence():
     assert not torch.isnan(loss)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_non_finite_padding_cannot_poison_loss_or_gradient(level):
+    logps = torch.tensor([[-1.0, float("-inf")], [-0.5, float("nan")]], requires_grad=True)
+    old = torch.tensor([[-1.1, float("nan")], [-0.4, float("-inf")]])
+    ref = torch.tensor([[-0.9, float("inf")], [-0.6, 0.0]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    loss, stats = policy_loss(logps, old, ref, torch.tensor([1.0, -1.0]), mask, beta=0.1,
+                              importance_sampling_level=level, use_bias_correction_kl=True)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
+    assert logps.grad[:, 1].tolist() == [0.0, 0.0]
+    assert all(torch.isfinite(v) for v in stats.values())
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -156,6 +156,9 @@ def test_load_predictions_names_file_and_line(tmp_path):
     path.write_text("\n" + json.dumps({"problem_id": "p"}) + "\n")
     with pytest.raises(JsonlError, match=r"bad\.jsonl:2: .*'correct'"):
         load_predictions(path)
+    path.write_text(json.dumps({"problem_id": "p", "correct": "yes"}) + "\n")
+    with pytest.raises(JsonlError, match=r"bad\.jsonl:1: 'correct' must be true/false"):
+        load_predictions(path)
     path.write_text("[1, 2]\n")
     with pytest.raises(JsonlError, match=r"bad\.jsonl:1: expected a JSON object"):
         load_predictions(path)
@@ -185,3 +188,25 @@ def test_paired_comparison_uses_per_problem_mean_over_samples():
     rows_b = [_row("p", i, "A", "A", i < 2) for i in range(4)]
     result = paired_comparison(rows_a, rows_b, n_boot=10)
     assert result["difference"] == pytest.approx(0.5) and result["wins"] == 1
+
+
+def test_cli_metrics_json_and_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from echoink.cli import app
+
+    path_a, path_b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = _constructed_rows()
+    path_a.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    path_b.write_text("\n".join(json.dumps(dict(row, correct=not row["correct"])) for row in rows) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["metrics", str(path_a), "--against", str(path_b), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["files"][str(path_a)]["accuracy"] == pytest.approx(5 / 12)
+    assert payload["against"]["comparisons"][str(path_a)]["n_shared"] == 4
+    result = runner.invoke(app, ["metrics", str(path_a), str(path_b), "--against", str(path_b)])
+    assert result.exit_code == 0 and "Paired comparison" in result.output
+    path_a.write_text("{oops\n")
+    result = runner.invoke(app, ["metrics", str(path_a)])
+    assert result.exit_code == 1 and "a.jsonl:1" in result.output

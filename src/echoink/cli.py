@@ -22,6 +22,23 @@ def _fail(message: str) -> None:
 
 # ---- model commands ---------------------------------------------------------------------------
 
+@model_app.command("tiny")
+def model_tiny(
+    out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint to."),
+    layout: str = typer.Option("full", "--layout", help="full: the published Qwen2.5-Omni layout; thinker: ours."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    size: str = typer.Option("tiny", "--size", help="tiny (tests, demo) or bench (benchmark shape)."),
+) -> None:
+    """Write a tiny random-initialised Qwen2.5-Omni checkpoint + processor files, offline."""
+    from echoink.model.tiny import write_tiny_checkpoint
+
+    try:
+        path = write_tiny_checkpoint(out, layout=layout, seed=seed, size=size)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote tiny Qwen2.5-Omni checkpoint ({layout} layout, {size}) to {path}")
+
+
 # ---- data commands ----------------------------------------------------------------------------
 
 
@@ -110,6 +127,50 @@ def data_convert_omniinstruct(
 
 
 # ---- training commands ------------------------------------------------------------------------
+
+@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train_command(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train with GRPO. Extra arguments are key=value overrides of the config, e.g. beta=0.04."""
+    import json
+
+    from echoink.config import ConfigError, load_config
+    from echoink.data import DatasetError
+
+    try:
+        cfg = load_config(config, ctx.args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if dry_run:
+        from echoink.data import load_dataset
+
+        try:
+            num_items = len(load_dataset(cfg.train_data)) if cfg.train_data else 0
+        except DatasetError as exc:
+            _fail(str(exc))
+        arithmetic = cfg.step_arithmetic(num_items, num_processes=int(__import__("os").environ.get("WORLD_SIZE", "1")))
+        typer.echo(json.dumps(cfg.to_dict(), indent=2))
+        typer.echo(f"train items: {num_items}")
+        typer.echo("per_device_train_batch_size counts PROMPTS per device (TRL counts completions); "
+                   f"each prompt gets num_generations={cfg.num_generations} completions")
+        for key, value in arithmetic.items():
+            typer.echo(f"{key}: {value}")
+        return
+    from echoink.grpo.trainer import train
+    from echoink.model import ModelLoadError
+    from echoink.rewards import RewardError
+
+    try:
+        final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet)
+    except (DatasetError, ModelLoadError, RewardError, ConfigError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"final model: {final}")
+
 
 # ---- evaluation and analysis commands ---------------------------------------------------------
 

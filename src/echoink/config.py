@@ -261,6 +261,11 @@ def _coerce(value: Any, hint: Any) -> Any:
         elif origin is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
         elif origin is str:
             if isinstance(value, str):
                 return value

@@ -114,7 +114,7 @@ def compile_reflections(expressions: tuple[str, ...] = DEFAULT_REFLECTIVE_EXPRES
         pieces = []
         for char in expression:
             if char == " ":
-                pieces.append(r"\s+")
+                pieces.append(r"\s++")
             elif char == "-":
                 pieces.append(r"[\s\-]?")
             elif char in "'\u2019":
@@ -212,18 +212,18 @@ def final_answer(text: str) -> Optional[str]:
 
 _LETTER = (
     r"(?:\((?P<{n}p>[A-H])\)"
-    r"|(?:option|choice)\s+\(?(?P<{n}o>[A-H])\)?(?!\w)"
-    r"|(?<![\w(])(?P<{n}b>[A-H])(?=\s*(?:[.,;:!?)\"'*]|$)|\s+(?:is|because|since|as)\b))"
+    r"|(?:option|choice)\s++\(?(?P<{n}o>[A-H])\)?(?!\w)"
+    r"|(?<![\w(])(?P<{n}b>[A-H])(?=\s*+(?:[.,;:!?)\"'*]|$)|\s++(?:is|because|since|as)\b))"
 )
 _CUE_BEFORE = (
-    r"(?:\banswer\s+(?:is|would\s+be|should\s+be|must\s+be|might\s+be|could\s+be|seems\s+to\s+be)\s*:?"
-    r"|\banswer\s*:"
-    r"|\b(?:so|therefore|thus|hence),?(?:\s+(?:it'?s|it\s+is|it\s+must\s+be|it\s+should\s+be))?"
-    r"|\bI\s+(?:think|believe|guess)(?:\s+(?:it'?s|it\s+is))?"
-    r"|\b(?:go\s+with|choose|pick|select)"
-    r"|\b(?:must|should)\s+be)\s*"
+    r"(?:\banswer\s++(?:is|would\s++be|should\s++be|must\s++be|might\s++be|could\s++be|seems\s++to\s++be)\s*+:?"
+    r"|\banswer\s*+:"
+    r"|\b(?:so|therefore|thus|hence),?(?:\s++(?:it'?s|it\s++is|it\s++must\s++be|it\s++should\s++be))?"
+    r"|\bI\s++(?:think|believe|guess)(?:\s++(?:it'?s|it\s++is))?"
+    r"|\b(?:go\s++with|choose|pick|select)"
+    r"|\b(?:must|should)\s++be)\s*+"
 )
-_CUE_AFTER = r"\s+(?:is|seems\s+to\s+be)\s+(?:correct|right|the\s+(?:correct\s+|right\s+|best\s+)?answer)\b"
+_CUE_AFTER = r"\s++(?:is|seems\s++to\s++be)\s++(?:correct|right|the\s++(?:correct\s++|right\s++|best\s++)?answer)\b"
 _STATED_BEFORE = re.compile(_CUE_BEFORE + _LETTER.format(n="x"), re.IGNORECASE)
 _STATED_AFTER = re.compile(_LETTER.format(n="y") + _CUE_AFTER, re.IGNORECASE)
 

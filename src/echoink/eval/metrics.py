@@ -95,8 +95,15 @@ def load_predictions(path: Union[str, Path]) -> list[Row]:
         for key in ("problem_id", "correct"):
             if key not in row:
                 raise JsonlError(f"{path}:{line_number}: prediction row has no {key!r} field")
+        if not _is_verdict(row["correct"]):
+            raise JsonlError(f"{path}:{line_number}: 'correct' must be true/false, got {row['correct']!r}")
         rows.append(row)
     return rows
+
+
+def _is_verdict(value: Any) -> bool:
+    """True/False, or the integers 0/1 that some writers use for them."""
+    return isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
 
 
 def _check_rows(rows: Sequence[Row]) -> None:
@@ -107,6 +114,8 @@ def _check_rows(rows: Sequence[Row]) -> None:
         for key in ("problem_id", "correct"):
             if key not in row:
                 raise ValueError(f"prediction row {index} has no {key!r} field")
+        if not _is_verdict(row["correct"]):
+            raise ValueError(f"prediction row {index}: 'correct' must be a bool, got {row['correct']!r}")
         key_pair = (str(row["problem_id"]), int(row.get("sample_idx", 0)))
         if key_pair in seen:
             raise ValueError(f"prediction row {index}: duplicate (problem_id, sample_idx) = {key_pair}")

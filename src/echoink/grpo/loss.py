@@ -137,9 +137,15 @@ def policy_loss(
         raise ValueError(f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}")
     _check_inputs(logps, old_logps, ref_logps, advantages, mask)
 
+    # Padding may hold anything (even -inf/nan); zero it in every input so it cannot reach the loss or, via
+    # 0 * inf in a backward pass, the gradient.
+    is_token = mask != 0  # [N, T] bool
     mask = mask.to(logps.dtype)  # [N, T]
     adv = advantages.to(logps.dtype).unsqueeze(1)  # [N, 1]
-    old_logps = logps.detach() if old_logps is None else old_logps
+    logps = torch.where(is_token, logps, 0.0)
+    old_logps = logps.detach() if old_logps is None else torch.where(is_token, old_logps, 0.0)
+    if ref_logps is not None:
+        ref_logps = torch.where(is_token, ref_logps, 0.0)
 
     log_ratio = logps - old_logps  # [N, T]
     if importance_sampling_level == "token":

@@ -1,0 +1,115 @@
+"""What a training run writes and shows: metrics.jsonl, completions.jsonl, a rich progress bar,
+optional accelerate trackers (TensorBoard / W&B via `report_to`).
+
+Metrics are averaged over ranks (each rank's value weighted by its number of groups), so the logged
+reward is the mean over every rank's groups. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from echoink.grpo.types import Group
+
+
+class RunLog:
+    def __init__(self, output_dir: Path, accelerator, total_steps: int, enabled: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.console = Console(stderr=True)
+        self.progress = None
+        if self.main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if enabled:
+                self.progress = Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("reward {task.fields[reward]}"), TimeElapsedColumn(),
+                                         TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+                self.task = self.progress.add_task("train", total=total_steps, reward="-")
+                self.progress.start()
+        self._metrics_buffer: list[dict] = []
+
+    def announce(self, config, arithmetic: dict, num_items: int) -> None:
+        """Print the global batch arithmetic at start (prompts, not completions, per device)."""
+        if not self.main:
+            return
+        self.console.print(
+            f"[bold]echoink GRPO[/bold]: {num_items} training prompts, {arithmetic['num_processes']} process(es); "
+            f"per step {arithmetic['prompts_per_step']} prompts x {config.num_generations} completions = "
+            f"{arithmetic['completions_per_step']} completions "
+            f"(per_device_train_batch_size={config.per_device_train_batch_size} PROMPTS per device, "
+            f"gradient_accumulation_steps={config.gradient_accumulation_steps}); {arithmetic['total_steps']} steps")
+        if config.report_to:
+            self.accelerator.init_trackers("echoink", config=_flat(config.to_dict()))
+
+    def note(self, message: str) -> None:
+        if self.main:
+            self.console.print(message)
+
+    def step(self, step: int, metrics: dict, groups: list[Group], reward_names: list[str], every: int = 1) -> None:
+        metrics = self._average_over_ranks(metrics)
+        metrics["step"] = step
+        completions = self._gather_completions(step, groups, reward_names)
+        if not self.main:
+            return
+        if step % every == 0:
+            _append_jsonl(self.output_dir / "metrics.jsonl", [metrics])
+            if self.accelerator.trackers:
+                self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+        _append_jsonl(self.output_dir / "completions.jsonl", completions)
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1, reward=f"{metrics.get('reward', float('nan')):.3f}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    # ------------------------------------------------------------------------------------------
+    def _average_over_ranks(self, metrics: dict) -> dict:
+        if self.accelerator.num_processes == 1:
+            return dict(metrics)
+        keys = sorted(metrics)
+        weight = float(metrics.get("num_groups", 1.0))
+        local = torch.tensor([[weight] + [float(metrics[k]) * weight for k in keys]], device=self.accelerator.device)
+        gathered = self.accelerator.gather(local)                                          # [ranks, 1 + K]
+        total_weight = gathered[:, 0].sum().clamp(min=1e-12)
+        averaged = {k: (gathered[:, i + 1].sum() / total_weight).item() for i, k in enumerate(keys)}
+        averaged["num_groups"] = gathered[:, 0].sum().item()
+        return averaged
+
+    def _gather_completions(self, step: int, groups: list[Group], reward_names: list[str]) -> list[dict]:
+        rows = []
+        for group in groups:
+            for i, text in enumerate(group.texts):
+                rows.append({
+                    "step": step, "problem_id": group.record.problem_id, "sample_idx": i,
+                    "solution": group.record.solution, "completion": text,
+                    "rewards": {name: float(group.rewards[i, j]) for j, name in enumerate(reward_names)},
+                    "advantage": float(group.advantages[i]), "truncated": bool(group.truncated[i]),
+                    "length": int(group.completion_lengths[i]),
+                })
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rows = gather_object(rows)
+        return rows
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    """Append whole lines and fsync: a kill never leaves a half-written line behind a complete one."""
+    if not rows:
+        return
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _flat(values: dict) -> dict:
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in values.items()}

@@ -1,0 +1,302 @@
+"""The GRPO training loop, readable top to bottom. It orchestrates; the math lives elsewhere:
+
+    rollout.sample_group        G completions per prompt (eval mode, KV cache, prefill once)
+    scoring.score_group         rewards [G, R]
+    advantages.group_advantages (r - group mean) / (group std + eps)
+    logprobs.group_token_logps  per-token log-probs (policy with grad; old / reference without)
+    loss.policy_loss            clipped surrogate + k3 KL
+
+One step = `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` prompts per
+device, each prompt answered `num_generations` times, followed by `num_iterations` optimizer
+updates on those same completions (TRL's μ). Distribution (DDP / FSDP / DeepSpeed) comes from
+accelerate; groups stay whole on one rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from transformers import get_scheduler
+
+from echoink.config import TrainConfig
+from echoink.data import load_dataset
+from echoink.data.atomic import write_json_atomic
+from echoink.grpo.advantages import group_advantages, group_reward_stats
+from echoink.grpo.batches import BatchPlan
+from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from echoink.grpo.logprobs import group_token_logps
+from echoink.grpo.loss import policy_loss
+from echoink.grpo.rollout import SamplingConfig, sample_group
+from echoink.grpo.run_log import RunLog
+from echoink.grpo.scoring import RewardSet, score_group
+from echoink.grpo.types import Group
+from echoink.model import load_thinker, save_thinker
+from echoink.model.inputs import MediaOptions, encode_prompt
+from echoink.model.policy import Policy, apply_freezing, wrap_lora
+from echoink.prompts import PromptTemplate
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    groups: list[Group]
+
+
+def train(config: TrainConfig, resume_from: str | None = None, progress: bool = True) -> Path:
+    """Run GRPO as `config` says; returns the directory of the final model."""
+    # --- 1. validate everything a user gave us before loading the model ---
+    if not config.model_path:
+        raise ValueError("config: model_path is required")
+    if not config.train_data:
+        raise ValueError("config: train_data is required")
+    records = load_dataset(config.train_data)
+    eval_records = load_dataset(config.eval_data) if config.eval_steps and config.eval_data else None
+    template = PromptTemplate.from_dict(config.prompt_template)
+    rewards = RewardSet.from_config(config.reward_funcs, config.reward_weight_list)
+    if config.torch_num_threads:
+        torch.set_num_threads(config.torch_num_threads)
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # the audio tower has an unused parameter
+    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", kwargs_handlers=[ddp],
+                              log_with=config.report_to or None, project_dir=config.output_dir)
+    set_seed(config.seed, device_specific=True)
+    output_dir = Path(config.output_dir)
+    arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
+    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress)
+    log.announce(config, arithmetic, len(records))
+
+    # --- 2. model, reference, optimizer ---
+    thinker, processor = load_thinker(config.model_path, dtype="float32", attn_implementation=config.attn_implementation)
+    apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
+    peft_model = wrap_lora(thinker, config) if config.use_peft else None
+    if config.gradient_checkpointing:
+        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        thinker.config.use_cache = False
+    reference = None
+    if config.beta > 0 and peft_model is None:
+        reference = copy.deepcopy(thinker).eval().requires_grad_(False)
+    policy = Policy(thinker)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
+                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                                  weight_decay=config.weight_decay)
+    updates = arithmetic["total_steps"] * config.num_iterations
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
+                              num_training_steps=updates)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if reference is not None:
+        reference = reference.to(accelerator.device)
+    thinker = accelerator.unwrap_model(policy).thinker
+
+    # --- 3. resume ---
+    start_step = 0
+    checkpoint = resume_from or (latest_checkpoint(output_dir) if config.resume else None)
+    if checkpoint:
+        start_step = load_checkpoint_state(accelerator, checkpoint)["step"]
+        log.note(f"resumed from {checkpoint} at step {start_step}")
+
+    plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
+                     num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
+                     seed=config.seed, shuffle=config.shuffle_dataset,
+                     answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
+    media_options = MediaOptions(config.max_audio_seconds, config.min_pixels, config.max_pixels, config.video_fps,
+                                 config.video_max_frames, config.use_audio_in_video)
+    sampling = SamplingConfig(config.num_generations, config.max_completion_length, config.temperature,
+                              config.top_p, config.top_k)
+    model_dtype = torch.bfloat16 if config.bf16 else torch.float32
+
+    def save_model(directory: Path) -> None:
+        if peft_model is not None:
+            peft_model.save_pretrained(str(directory / "adapter"))
+            processor.save_pretrained(str(directory / "adapter"))
+        else:
+            save_thinker(thinker, processor, directory)
+
+    # --- 4. the loop ---
+    for step in range(start_step, arithmetic["total_steps"]):
+        t0 = time.perf_counter()
+        micro_batches = [[records[i] for i in indices] for indices in plan.step_indices(step, accelerator.process_index)]
+        result = grpo_step(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler,
+                           processor, micro_batches, rewards, sampling, media_options, template, model_dtype)
+        result.metrics["step_seconds"] = time.perf_counter() - t0
+        result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        if eval_records and (step + 1) % config.eval_steps == 0:
+            result.metrics.update(_evaluate_during_training(config, thinker, processor, eval_records, media_options,
+                                                            template, accelerator))
+        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+        if config.save_steps and (step + 1) % config.save_steps == 0:
+            save_checkpoint(accelerator, save_model, output_dir, step + 1, {"step": step + 1, "seed": config.seed,
+                            "prompts_seen": (step + 1) * plan.prompts_per_step},
+                            save_total_limit=config.save_total_limit)
+
+    # --- 5. final model ---
+    final = output_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if peft_model is not None:
+            peft_model.save_pretrained(str(output_dir / "adapter"))
+            processor.save_pretrained(str(output_dir / "adapter"))
+            if config.save_merged_model:
+                save_thinker(peft_model.merge_and_unload(), processor, final)
+        else:
+            save_thinker(thinker, processor, final)
+        write_json_atomic(output_dir / "config.resolved.json", config.to_dict())
+    log.close()
+    accelerator.end_training()
+    return final if (peft_model is None or config.save_merged_model) else output_dir / "adapter"
+
+
+def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler,
+              processor, micro_batches, rewards: RewardSet, sampling: SamplingConfig, media_options, template,
+              model_dtype) -> StepResult:
+    """One GRPO step: rollouts, rewards, advantages, reference/old log-probs, num_iterations updates."""
+    device = accelerator.device
+    timings = {"rollout_seconds": 0.0, "logprob_seconds": 0.0, "backward_seconds": 0.0}
+    sharing = config.group_sharing
+
+    # 1. rollouts: G completions per prompt, eval mode, KV cache on
+    t = time.perf_counter()
+    thinker.eval()
+    batches: list[list[Group]] = []
+    skipped = 0
+    with _autocast(accelerator):
+        for records in micro_batches:
+            groups = []
+            for record in records:
+                prompt = encode_prompt(record, processor, media_options, template).to(device, model_dtype)
+                if config.max_prompt_length and prompt.length > config.max_prompt_length:
+                    skipped += 1  # never truncate through media placeholders: skip and count
+                    continue
+                group = sample_group(thinker, prompt, sampling, processor.tokenizer, share_prefill=sharing == "full")
+                group.record = record
+                groups.append(group)
+            batches.append(groups)
+    timings["rollout_seconds"] = time.perf_counter() - t
+    all_groups = [g for groups in batches for g in groups]
+
+    # 2. rewards [G, R] per group -> weighted totals [B*G] -> group-normalised advantages [B*G]
+    for group in all_groups:
+        group.rewards = score_group(rewards, group)
+    if all_groups:
+        totals = torch.cat([g.rewards @ rewards.weights for g in all_groups])
+        advantages = group_advantages(totals, config.num_generations, scale=config.scale_rewards)
+        for group, group_adv in zip(all_groups, advantages.split(config.num_generations)):
+            group.advantages = group_adv
+
+    # 3. old-policy and reference log-probs (no grad)
+    t = time.perf_counter()
+    with torch.no_grad(), _autocast(accelerator):
+        if config.num_iterations > 1:
+            for group, logps in zip(all_groups, group_token_logps(thinker, all_groups, sharing, config.temperature)):
+                group.old_logps = logps
+        if config.beta > 0:
+            with (peft_model.disable_adapter() if peft_model is not None else nullcontext()):
+                ref_model = reference if reference is not None else thinker
+                for group, logps in zip(all_groups, group_token_logps(ref_model, all_groups, sharing, config.temperature)):
+                    group.ref_logps = logps
+    timings["logprob_seconds"] = time.perf_counter() - t
+
+    # 4. num_iterations policy updates on these completions
+    t = time.perf_counter()
+    thinker.train()
+    loss_stats: list[dict] = []
+    grad_norm = torch.tensor(0.0)
+    tokens_in_step = sum(int(g.completion_mask.sum()) for g in all_groups)
+    for _ in range(config.num_iterations):
+        for groups in batches:
+            if not groups:
+                continue
+            with _autocast(accelerator):
+                logps = _pad_cat(policy(groups, sharing=sharing, temperature=config.temperature))  # [B*G, C]
+            mask = _pad_cat([g.completion_mask for g in groups]).to(logps.dtype)
+            if config.mask_truncated_completions:
+                mask = mask * (~torch.cat([g.truncated for g in groups])).to(mask.dtype)[:, None]
+            loss, stats = policy_loss(
+                logps,
+                _pad_cat([g.old_logps for g in groups]) if config.num_iterations > 1 else None,
+                _pad_cat([g.ref_logps for g in groups]) if config.beta > 0 else None,
+                torch.cat([g.advantages for g in groups]).to(device),
+                mask,
+                loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+                beta=config.beta, importance_sampling_level=config.importance_sampling_level,
+                max_completion_length=config.max_completion_length,
+                use_bias_correction_kl=config.use_bias_correction_kl,
+                num_items_in_batch=tokens_in_step if config.loss_type in ("dapo", "bnpo") else None,
+            )
+            scale = 1.0 if config.loss_type in ("dapo", "bnpo") else 1.0 / len(batches)
+            accelerator.backward(loss * scale)
+            loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
+        if config.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    timings["backward_seconds"] = time.perf_counter() - t
+
+    metrics = _step_metrics(all_groups, rewards, loss_stats, grad_norm, skipped, config.num_generations)
+    metrics.update(timings)
+    completion_tokens = sum(int(g.completion_mask.sum()) for g in all_groups)
+    total_seconds = sum(timings.values())
+    metrics["tokens_per_second"] = completion_tokens / total_seconds if total_seconds > 0 else 0.0
+    return StepResult(metrics=metrics, groups=all_groups)
+
+
+def _step_metrics(groups: list[Group], rewards: RewardSet, loss_stats: list[dict], grad_norm, skipped: int,
+                  num_generations: int) -> dict:
+    """EchoInk-R1's logged keys (+ ours), local to this rank; RunLog averages them over ranks."""
+    metrics: dict = {"skipped_prompts": float(skipped), "num_groups": float(len(groups))}
+    if groups:
+        table = torch.cat([g.rewards for g in groups])                                      # [B*G, R]
+        totals = table @ rewards.weights                                                    # [B*G]
+        metrics["reward"] = totals.mean().item()
+        for j, name in enumerate(rewards.names):
+            metrics[f"rewards/{name}"] = table[:, j].mean().item()
+        metrics.update(group_reward_stats(totals, num_generations))
+        if "accuracy" in rewards.names:
+            accuracy = table[:, rewards.names.index("accuracy")].view(-1, num_generations)     # [B, G]
+            metrics["all_correct"] = (accuracy == 1).all(dim=1).float().mean().item()
+            metrics["all_wrong"] = (accuracy == 0).all(dim=1).float().mean().item()
+        lengths = torch.cat([g.completion_lengths for g in groups]).float()
+        metrics["completion_length"] = lengths.mean().item()
+        metrics["truncated_ratio"] = torch.cat([g.truncated for g in groups]).float().mean().item()
+    if loss_stats:
+        for key in loss_stats[0]:
+            metrics[key] = sum(s[key] for s in loss_stats) / len(loss_stats)
+    metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [G_i, C_i] tensors along dim 0, right-padding dim 1 with zeros to max C_i."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def _autocast(accelerator):
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
+
+
+def _evaluate_during_training(config, thinker, processor, eval_records, media_options, template, accelerator) -> dict:
+    """Greedy accuracy on the first `eval_limit` items of eval_data (main process), as eval/* metrics."""
+    from echoink.eval.run import evaluate_loaded
+
+    summary = {}
+    if accelerator.is_main_process:
+        subset = eval_records[: config.eval_limit] if config.eval_limit else eval_records
+        was_training = thinker.training
+        thinker.eval()
+        summary = evaluate_loaded(thinker, processor, subset, batch_size=config.eval_batch_size,
+                                  max_new_tokens=config.eval_max_new_tokens or config.max_completion_length,
+                                  template=template, media_options=media_options, progress=False)
+        thinker.train(was_training)
+    accelerator.wait_for_everyone()
+    return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}

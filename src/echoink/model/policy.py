@@ -1,0 +1,62 @@
+"""The trainable policy: freezing switches, LoRA, and the module accelerate wraps.
+
+`Policy` is an `nn.Module` whose forward computes per-token log-probs of a list of groups, so that
+DDP / FSDP / DeepSpeed see a real forward call on the wrapped module (DDP's gradient hooks and
+ZeRO-3's parameter gathering need it), while rollouts use the unwrapped thinker directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from echoink.grpo.logprobs import group_token_logps
+
+# The language model's linear layers (the default LoRA targets).
+LANGUAGE_MODEL_LINEARS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+ENCODER_LINEARS = {
+    "vision": r"|.*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
+    "audio": r"|.*audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
+}
+
+
+class Policy(nn.Module):
+    """forward(groups) -> list of [G, C] per-token log-probs (with grad)."""
+
+    def __init__(self, thinker: nn.Module) -> None:
+        super().__init__()
+        self.thinker = thinker
+
+    def forward(self, groups, sharing: str = "full", temperature: float = 1.0) -> list[torch.Tensor]:
+        return group_token_logps(self.thinker, groups, sharing=sharing, temperature=temperature)
+
+
+def apply_freezing(thinker: nn.Module, freeze_vision: bool, freeze_audio: bool) -> None:
+    """Freeze encoders; frozen encoders then run without building a graph (no parameter needs grad)."""
+    if freeze_vision:
+        thinker.model.visual.requires_grad_(False)
+    if freeze_audio:
+        thinker.model.audio_tower.requires_grad_(False)
+
+
+def wrap_lora(thinker: nn.Module, config):
+    """Inject LoRA adapters (peft) into `thinker` in place; returns the PeftModel.
+
+    Targets: `lora_target_modules` if set — a list of module-name suffixes, or the words
+    "language_model", "vision", "audio" — else the language model's linear layers.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora_target_modules
+    if not targets:
+        target_modules = LANGUAGE_MODEL_LINEARS
+    elif set(targets) <= {"language_model", "vision", "audio"}:
+        target_modules = LANGUAGE_MODEL_LINEARS if "language_model" in targets else r"(?!)"
+        for name in ("vision", "audio"):
+            if name in targets:
+                target_modules += ENCODER_LINEARS[name]
+    else:
+        target_modules = list(targets)
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=target_modules, bias="none")
+    return get_peft_model(thinker, lora)
