@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -135,10 +136,12 @@ def train_command(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    num_processes: int = typer.Option(int(os.environ.get("WORLD_SIZE", "1")), "--num-processes",
+                                      help="With --dry-run: number of GPUs/processes to compute the arithmetic for."),
+    num_items: Optional[int] = typer.Option(None, "--num-items",
+                                            help="With --dry-run: training items, when the dataset is not at hand."),
 ) -> None:
     """Train with GRPO. Extra arguments are key=value overrides of the config, e.g. beta=0.04."""
-    import json
-
     from echoink.config import ConfigError, load_config
     from echoink.data import DatasetError
 
@@ -147,19 +150,15 @@ def train_command(
     except ConfigError as exc:
         _fail(str(exc))
     if dry_run:
+        from echoink.config import describe_run
         from echoink.data import load_dataset
 
-        try:
-            num_items = len(load_dataset(cfg.train_data)) if cfg.train_data else 0
-        except DatasetError as exc:
-            _fail(str(exc))
-        arithmetic = cfg.step_arithmetic(num_items, num_processes=int(__import__("os").environ.get("WORLD_SIZE", "1")))
-        typer.echo(json.dumps(cfg.to_dict(), indent=2))
-        typer.echo(f"train items: {num_items}")
-        typer.echo("per_device_train_batch_size counts PROMPTS per device (TRL counts completions); "
-                   f"each prompt gets num_generations={cfg.num_generations} completions")
-        for key, value in arithmetic.items():
-            typer.echo(f"{key}: {value}")
+        if num_items is None:
+            try:
+                num_items = len(load_dataset(cfg.train_data))
+            except DatasetError as exc:
+                _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
+        typer.echo(describe_run(cfg, num_items, num_processes))
         return
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
@@ -172,7 +171,73 @@ def train_command(
     typer.echo(f"final model: {final}")
 
 
+@app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo_command(
+    ctx: typer.Context,
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for data, models, run and summary.json."),
+) -> None:
+    """The embedded default end to end: synthetic data, tiny model, GRPO, before/after accuracy, curves.
+
+    Extra key=value arguments override configs/demo_cpu.yaml (e.g. max_steps=20).
+    """
+    from echoink.demo import run_demo
+
+    summary = run_demo(out, overrides=ctx.args)
+    typer.echo(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
+
+
 # ---- evaluation and analysis commands ---------------------------------------------------------
+
+
+@app.command("eval")
+def eval_command(
+    model: Path = typer.Option(..., "--model", help="Model directory (published Qwen2.5-Omni layout or ours)."),
+    data: Path = typer.Option(..., "--data", help="Dataset JSON/JSONL in the AVQA-R1 format."),
+    out: Path = typer.Option(..., "--out", help="Predictions JSONL to write (resumed when it exists)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding, one answer per problem (the default)."),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1,
+                                          help="Sample K answers per problem (sampling instead of greedy)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (default 1.0)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default 1.0)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default: off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    ablate: str = typer.Option("none", "--ablate", help="none | mute-audio | blank-image | no-media."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N records."),
+    lenient: bool = typer.Option(False, "--lenient", help="Also read 'C.', '(C)', 'Answer: C' ... (not the reward's rule)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
+    from echoink.data import DatasetError
+    from echoink.data.media import MediaError
+    from echoink.eval.run import RunSignatureError, evaluate
+    from echoink.model import ModelLoadError
+
+    sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k, "--seed": seed}
+    if samples is None:
+        given = [name for name, value in sampling_options.items() if value is not None]
+        if given:
+            _fail(f"{', '.join(given)} only apply when sampling: add --samples K (greedy is the default)")
+    elif greedy:
+        _fail("--greedy and --samples exclude each other (greedy gives one answer per problem)")
+    try:
+        summary = evaluate(
+            model, data, out, batch_size=batch_size, greedy=samples is None, samples=samples or 1,
+            temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
+            top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens, ablate=ablate,
+            limit=limit, lenient=lenient, progress=progress, dtype=dtype,
+        )
+    except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError) as exc:
+        _fail(str(exc))
+    accuracy = summary["accuracy"]
+    headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])
+    typer.echo(f"accuracy {headline} % over {summary['n']} answers to {summary['n_problems']} problems "
+               f"(95% Wilson); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
+               f"format {100 * (summary['format_rate'] or 0):.1f}%, "
+               f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
+    typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
 
 
 def _ci_text(value: float, low: float, high: float) -> str:

@@ -175,7 +175,7 @@ class TrainConfig:
     def step_arithmetic(self, num_train_items: int, num_processes: int = 1) -> dict[str, int]:
         """Prompts and completions per optimizer step and the total number of steps."""
         prompts_per_step = self.per_device_train_batch_size * num_processes * self.gradient_accumulation_steps
-        steps_per_epoch = max(1, num_train_items // prompts_per_step)
+        steps_per_epoch = max(1, math.ceil(num_train_items / prompts_per_step))  # the last step wraps around
         total = self.max_steps if self.max_steps > 0 else math.ceil(steps_per_epoch * self.num_train_epochs)
         return {
             "num_processes": num_processes,
@@ -189,6 +189,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def describe_run(config: TrainConfig, num_items: int, num_processes: int = 1) -> str:
+    """The resolved config and the step arithmetic, as `echoink train --dry-run` prints them."""
+    lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "", f"train items: {num_items}",
+             f"processes: {num_processes}",
+             "per_device_train_batch_size counts PROMPTS per device (TRL counts completions); "
+             f"each prompt is answered num_generations={config.num_generations} times"]
+    for key, value in config.step_arithmetic(num_items, num_processes).items():
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
 
 
 # ---- loading ------------------------------------------------------------------------------------

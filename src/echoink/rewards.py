@@ -36,6 +36,7 @@ __all__ = [
     "format_reward",
     "resolve_reward",
     "resolve_rewards",
+    "reward_columns",
     "weighted_total",
 ]
 
@@ -251,6 +252,24 @@ def check_reward_weights(weights: Sequence[float] | None, count: int) -> np.ndar
 def weighted_total(rewards: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
     """Per-sample total reward: ``rewards [N, R] @ weights [R]``."""
     return np.asarray(rewards, dtype=np.float64) @ np.asarray(weights, dtype=np.float64)
+
+
+def reward_columns(records: Sequence[Any]) -> dict[str, list]:
+    """The per-sample columns user rewards receive, one entry per record (repeat a prompt's record once
+    per completion): ``problem_id, problem, data_type, problem_type, options, solution, answer,
+    data_source, needs`` and every extra dataset field (None where a record lacks it)."""
+    names = ("problem_id", "problem", "data_type", "problem_type", "options", "solution", "answer",
+             "data_source", "needs")
+    columns: dict[str, list] = {name: [] for name in names}
+    for record in records:
+        for name in names:
+            value = getattr(record, name)
+            columns[name].append(list(value) if name == "options" else value)
+    extra_names = dict.fromkeys(key for record in records for key in record.extra)
+    for key in extra_names:
+        if key not in columns:
+            columns[key] = [record.extra.get(key) for record in records]
+    return columns
 
 
 def compute_rewards(

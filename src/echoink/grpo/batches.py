@@ -1,7 +1,7 @@
 """Which prompts each rank trains on at each step: a pure function of (seed, step), so a resumed run
 continues exactly where it stopped with no sampler state to save.
 
-Each epoch is a seeded permutation of the dataset (or the dataset order when shuffling is off).
+Each epoch is a seeded permutation (its last, partial step is filled from the start of the same order) of the dataset (or the dataset order when shuffling is off).
 With `balance_answer_letters`, the permutation is re-ordered so that consecutive prompts cycle
 through the answer letters (A, B, C, D, A, ...): every batch then mixes the letters, which keeps a
 small policy from chasing whichever letter won the last batch.
@@ -13,6 +13,7 @@ one rank.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -52,7 +53,7 @@ class BatchPlan:
 
     def step_indices(self, step: int, rank: int) -> list[list[int]]:
         """Indices for rank `rank` at optimizer step `step`: one list per micro-step (grad accumulation)."""
-        per_epoch = max(1, self.num_items // self.prompts_per_step)  # drop the ragged tail of an epoch
+        per_epoch = max(1, math.ceil(self.num_items / self.prompts_per_step))  # the last step wraps around
         epoch, within = divmod(step, per_epoch)
         order = self.epoch_order(epoch)
         start = within * self.prompts_per_step

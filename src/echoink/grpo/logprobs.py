@@ -25,34 +25,52 @@ chunk recomputed in backward), so [G, C, vocab] fp32 logits never exist at once.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache, DynamicLayer
 
 from echoink.grpo.types import Group
 from echoink.model.prompt_embedding import completion_positions, embed_prompt, prompt_positions
 
 SHARING = ("none", "encoders", "full")
+PREFIX_PATHS = ("auto", "kv", "packed")
 
 
 def group_token_logps(model, groups: list[Group], sharing: str = "full", temperature: float = 1.0,
-                      chunk_size: int = 1024) -> list[torch.Tensor]:
-    """-> one [G, C] tensor of per-token log-probs per group (with grad if grad is enabled)."""
+                      chunk_size: int = 1024, prefix: str = "auto") -> list[torch.Tensor]:
+    """-> one [G, C] tensor of per-token log-probs per group (with grad if grad is enabled).
+
+    `prefix` picks how "full" shares the prompt: "kv", "packed", or "auto" (`full_sharing_path`).
+    """
     if sharing not in SHARING:
         raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    if prefix not in PREFIX_PATHS:
+        raise ValueError(f"prefix must be one of {PREFIX_PATHS}, got {prefix!r}")
+    if sharing == "full" and prefix == "auto":
+        prefix = full_sharing_path(model)
     results = []
     for group in groups:
         if sharing == "none":
             hidden = _hidden_plain(model, group)
         elif sharing == "encoders":
             hidden = _hidden_encoders_once(model, group)
-        elif model.training and getattr(model, "is_gradient_checkpointing", False):
+        elif prefix == "packed":
             hidden = _hidden_packed(model, group)
         else:
-            hidden = _hidden_prompt_cache(model, group)
+            hidden = _hidden_prompt_kv(model, group)
         results.append(token_logps_from_hidden(model.lm_head, hidden, group.completion_ids, temperature, chunk_size))
     return results
+
+
+def full_sharing_path(model) -> str:
+    """The "full" path for this model as it is now: "kv" unless a reentrant checkpoint is active."""
+    if _checkpointing(model) and _checkpoint_is_reentrant(model):
+        return "packed"
+    return "kv"
 
 
 def token_logps_from_hidden(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
@@ -116,22 +134,90 @@ def _hidden_encoders_once(model, group: Group) -> torch.Tensor:
     return out.last_hidden_state[:, p - 1:-1]
 
 
-def _hidden_prompt_cache(model, group: Group) -> torch.Tensor:
-    """Prompt once with a KV cache repeated G ways: -> [G, C, H]."""
+def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
+    """Prompt once with grad, its K/V shared by the G completions: -> [G, C, H]."""
     prompt, g, c = group.prompt, group.size, group.completion_ids.shape[1]
     language_model = model.model.language_model
-    prompt_pos = prompt_positions(model, prompt)
-    out = language_model(inputs_embeds=embed_prompt(model, prompt), position_ids=prompt_pos, use_cache=True)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(g)
-    last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                     # [G, 1, H]
-    if c == 1:
-        return last_prompt_state
-    completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])          # [G, C-1, H]
-    positions = completion_positions(prompt_pos, c - 1).expand(3, g, -1)
-    out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=cache,
-                         use_cache=True)
+    prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
+    recorder = Cache(layers=[_RecordLayer() for _ in language_model.layers])
+    with _cache_through_checkpointing(language_model):
+        out = language_model(inputs_embeds=embed_prompt(model, prompt), position_ids=prompt_pos,
+                             past_key_values=recorder, use_cache=False)
+        last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                # [G, 1, H]
+        if c == 1:
+            return last_prompt_state
+        prefix = Cache(layers=[_PrefixLayer(layer.recorded_keys, layer.recorded_values) for layer in recorder.layers])
+        completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])      # [G, C-1, H]
+        positions = completion_positions(prompt_pos, c - 1).expand(3, g, -1)
+        out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=prefix,
+                             use_cache=False)
     return torch.cat([last_prompt_state, out.last_hidden_state], dim=1)
+
+
+class _RecordLayer(DynamicLayer):
+    """Prompt pass: passes the layer's keys/values through and keeps them (it never grows).
+
+    Under gradient checkpointing the backward replay of a layer calls `update` again with equal
+    tensors; keeping the latest (instead of appending, as DynamicLayer does) makes that harmless.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.recorded_keys, self.recorded_values = key_states, value_states
+        return key_states, value_states
+
+
+class _PrefixLayer(DynamicLayer):
+    """Completion pass: the prompt's keys/values [1, heads, P, d] in front of each completion's own.
+
+    Read-only (a pure function of its inputs), so a checkpointed layer may replay it in backward.
+    The prompt K/V are expanded to the G completions inside `update`; under checkpointing that
+    [G, heads, P + C, d] block exists one layer at a time and is not kept for backward.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        batch = key_states.shape[0]
+        return (torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2),
+                torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2))
+
+
+def _checkpointing(model) -> bool:
+    """Whether the language model's layers recompute their activations in backward right now."""
+    return model.training and any(getattr(layer, "gradient_checkpointing", False)
+                                  for layer in model.model.language_model.layers)
+
+
+def _checkpoint_is_reentrant(model) -> bool:
+    """True unless the layers' checkpoint function is known to be the non-reentrant one.
+
+    A reentrant checkpoint runs the layer under no_grad and only differentiates its positional
+    inputs, so the prompt K/V handed out through the cache would silently get no gradient.
+    """
+    for layer in model.model.language_model.layers:
+        function = getattr(layer, "_gradient_checkpointing_func", None)
+        if function is not None and getattr(function, "keywords", {}).get("use_reentrant", True):
+            return True
+    return False
+
+
+@contextmanager
+def _cache_through_checkpointing(language_model):
+    """Let our caches reach the attention of checkpointed layers (transformers drops caches there).
+
+    Safe only because `_RecordLayer` and `_PrefixLayer` give the same result when a layer is replayed.
+    """
+    layers = [layer for layer in language_model.layers if getattr(layer, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
 
 
 def _hidden_packed(model, group: Group) -> torch.Tensor:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
     SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -41,6 +42,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int | None = None
     greedy: bool = False
+    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it to fix C)
 
 
 def media_token_ids(tokenizer) -> list[int]:
@@ -77,14 +79,13 @@ def sample_group(model, prompt: PromptInputs, sampling: SamplingConfig, tokenize
 
 
 def _generation_config(sampling: SamplingConfig, eos_id: int, pad_id: int, suppress: list[int]) -> GenerationConfig:
+    common = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
+                  num_return_sequences=sampling.num_generations, eos_token_id=eos_id, pad_token_id=pad_id,
+                  suppress_tokens=suppress, use_cache=True)
     if sampling.greedy:
-        return GenerationConfig(do_sample=False, max_new_tokens=sampling.max_new_tokens,
-                                num_return_sequences=sampling.num_generations, eos_token_id=eos_id,
-                                pad_token_id=pad_id, suppress_tokens=suppress, use_cache=True)
+        return GenerationConfig(do_sample=False, **common)
     return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                            top_k=sampling.top_k or 0, max_new_tokens=sampling.max_new_tokens,
-                            num_return_sequences=sampling.num_generations, eos_token_id=eos_id,
-                            pad_token_id=pad_id, suppress_tokens=suppress, use_cache=True)
+                            top_k=sampling.top_k or 0, **common)
 
 
 def _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress) -> torch.Tensor:
@@ -93,9 +94,14 @@ def _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress) -> 
     return out[:, prompt.length:]
 
 
-def logits_processors(sampling: SamplingConfig, suppress: list[int], device) -> LogitsProcessorList:
+def logits_processors(sampling: SamplingConfig, suppress: list[int], device, prompt_length: int = 0,
+                      eos_id: int | None = None) -> LogitsProcessorList:
     """The processors `generate` applies for these settings, in generate's order."""
-    processors = LogitsProcessorList([SuppressTokensLogitsProcessor(suppress, device=device)])
+    processors = LogitsProcessorList()
+    if sampling.min_new_tokens > 0 and eos_id is not None:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, eos_id,
+                                                            device=device))
+    processors.append(SuppressTokensLogitsProcessor(suppress, device=device))
     if sampling.greedy:
         return processors
     if sampling.temperature != 1.0:
@@ -118,7 +124,7 @@ def _sample_shared_prefill(model, prompt, sampling, eos_id, pad_id, suppress) ->
     cache.batch_repeat_interleave(g)
     logits = model.lm_head(out.last_hidden_state[:, -1]).float().expand(g, -1)  # [G, V]
     next_position = positions.max() + 1
-    processors = logits_processors(sampling, suppress, embeds.device)
+    processors = logits_processors(sampling, suppress, embeds.device, prompt.length, eos_id)
     sequences = prompt.input_ids.expand(g, -1)                     # [G, P] (what processors see)
     unfinished = torch.ones(g, dtype=torch.bool, device=embeds.device)
     tokens_out = []

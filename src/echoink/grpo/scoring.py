@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from echoink.grpo.types import Group
-from echoink.rewards import compute_rewards, resolve_rewards
+from echoink.rewards import compute_rewards, resolve_rewards, reward_columns
 
 
 @dataclass
@@ -27,17 +27,7 @@ class RewardSet:
         return [name.rsplit(":", 1)[-1] for name, _ in self.funcs]
 
 
-def record_columns(record, count: int) -> dict[str, list]:
-    """TRL-style reward columns: every dataset field, repeated for each of `count` completions."""
-    columns = {
-        "solution": record.solution, "problem_id": record.problem_id, "problem": record.problem,
-        "options": list(record.options), "data_type": record.data_type, "answer": record.answer,
-        "needs": record.needs, **record.extra,
-    }
-    return {key: [value] * count for key, value in columns.items()}
-
-
 def score_group(rewards: RewardSet, group: Group) -> torch.Tensor:
     """-> [G, R] rewards of the group's completions (one column per reward function)."""
-    table = compute_rewards(rewards.funcs, group.texts, record_columns(group.record, group.size))
+    table = compute_rewards(rewards.funcs, group.texts, reward_columns([group.record] * group.size))
     return torch.from_numpy(np.asarray(table, dtype=np.float32))

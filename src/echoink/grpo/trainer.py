@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from echoink.config import TrainConfig
@@ -33,7 +32,9 @@ from echoink.data import load_dataset
 from echoink.data.atomic import write_json_atomic
 from echoink.grpo.advantages import group_advantages, group_reward_stats
 from echoink.grpo.batches import BatchPlan
-from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model_files
+from echoink.grpo.distributed import (accumulation, configure_deepspeed, gathered_for_generation, grad_norm_value,
+                                      make_accelerator)
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import policy_loss
 from echoink.grpo.rollout import SamplingConfig, sample_group
@@ -66,9 +67,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
 
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)  # the audio tower has an unused parameter
-    accelerator = Accelerator(mixed_precision="bf16" if config.bf16 else "no", kwargs_handlers=[ddp],
-                              log_with=config.report_to or None, project_dir=config.output_dir)
+    accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
@@ -92,16 +91,18 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     updates = arithmetic["total_steps"] * config.num_iterations
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
                               num_training_steps=updates)
+    configure_deepspeed(accelerator, config)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if reference is not None:
-        reference = reference.to(accelerator.device)
+    if reference is not None:  # bf16 runs keep a bf16 reference (the policy's master weights stay fp32)
+        reference = reference.to(accelerator.device, torch.bfloat16 if config.bf16 else torch.float32)
     thinker = accelerator.unwrap_model(policy).thinker
 
     # --- 3. resume ---
     start_step = 0
-    checkpoint = resume_from or (latest_checkpoint(output_dir) if config.resume else None)
+    checkpoint = resume_from or config.resume_from_checkpoint or (latest_checkpoint(output_dir) if config.resume else None)
     if checkpoint:
         start_step = load_checkpoint_state(accelerator, checkpoint)["step"]
+        log.truncate_after(start_step)  # steps logged after the checkpoint are about to be redone
         log.note(f"resumed from {checkpoint} at step {start_step}")
 
     plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
@@ -114,12 +115,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                               config.top_p, config.top_k)
     model_dtype = torch.bfloat16 if config.bf16 else torch.float32
 
-    def save_model(directory: Path) -> None:
-        if peft_model is not None:
-            peft_model.save_pretrained(str(directory / "adapter"))
-            processor.save_pretrained(str(directory / "adapter"))
-        else:
-            save_thinker(thinker, processor, directory)
+    def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
+        save_model_files(accelerator, policy, processor, directory, peft_model)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):

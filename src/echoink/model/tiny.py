@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     Qwen2_5OmniThinkerConfig,
     Qwen2_5OmniThinkerForConditionalGeneration,
@@ -131,6 +131,8 @@ def build_tokenizer(bpe_vocab: int = 1000) -> Qwen2Tokenizer:
         unk_token=None, extra_special_tokens=dict(NAMED_SPECIAL_TOKENS),
         additional_special_tokens=SPECIAL_TOKENS, model_max_length=32768,
     )
+    # Register every special token as an atomic added token (the constructor alone does not for all of them).
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

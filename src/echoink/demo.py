@@ -1,0 +1,125 @@
+"""The embedded default, end to end on 2 CPU cores (`make demo`, `echoink demo`).
+
+    synthetic audio-visual set  ->  tiny random Qwen2.5-Omni  ->  format warm-up (random letters)
+      ->  greedy validation accuracy  ->  GRPO (configs/demo_cpu.yaml)  ->  greedy validation accuracy
+      ->  training-curve PNG, before/after table, summary.json
+
+What it shows and what it cannot: the pipeline — data, prompts, rollouts, rewards, advantages, loss,
+checkpoints, evaluation, plots — runs for real, and the accuracy gain comes only from the reward
+signal (the warm-up draws its answer letters at random). A 1-million-parameter random model does
+not reason: it learns to map a colour or a pitch to a letter. The task is designed for that (see
+docs/demo.md): options in a fixed order, two very distinct single-modality families, letter-balanced
+batches. Nothing here says anything about Qwen2.5-Omni-7B's accuracy on AVQA.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from echoink.config import load_config
+from echoink.data import load_dataset
+from echoink.data.atomic import write_json_atomic
+from echoink.data.synth import write_synthetic_dataset
+from echoink.model import load_thinker, save_thinker
+from echoink.model.tiny import write_tiny_checkpoint
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
+DEMO_FAMILIES = ("image_colour", "audio_pitch")
+WARMUP_STEPS = 100
+
+
+def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, seed: int = 0) -> dict:
+    """Create (when missing) the synthetic data, the tiny model and the format-warmed model.
+
+    Paths come from the demo config (model_path = the warmed model, train_data / eval_data).
+    """
+    from echoink.format_warmup import format_warmup
+
+    console = console or Console()
+    train_json, valid_json, warm_dir = Path(config.train_data), Path(config.eval_data), Path(config.model_path)
+    report: dict = {}
+    if not (train_json.is_file() and valid_json.is_file()):
+        console.print(f"[bold]1. synthetic data[/bold] -> {train_json.parent.parent} ({', '.join(DEMO_FAMILIES)}, options in fixed order)")
+        write_synthetic_dataset(train_json.parent.parent, 800, 200, seed=seed, families=list(DEMO_FAMILIES),
+                                shuffle_options=False)
+    if not (warm_dir / "config.json").is_file():
+        init_dir = warm_dir.parent / "tiny_init"
+        console.print(f"[bold]2. tiny random Qwen2.5-Omni thinker[/bold] -> {init_dir}")
+        write_tiny_checkpoint(init_dir, layout="thinker", seed=seed)
+        model, processor = load_thinker(init_dir)
+        console.print(f"[bold]3. format warm-up[/bold]: {WARMUP_STEPS} supervised steps on "
+                      "'<think>ok</think><answer>L</answer>' with L a RANDOM letter (teaches the format, not the answers)")
+        report["warmup"] = format_warmup(model, processor, load_dataset(train_json), steps=WARMUP_STEPS,
+                                         seed=seed, log=console.print)
+        save_thinker(model, processor, warm_dir)
+    return report
+
+
+def greedy_accuracy(model_dir: Path, valid_json: Path, max_new_tokens: int) -> dict:
+    from echoink.eval.run import evaluate_loaded
+
+    model, processor = load_thinker(model_dir)
+    return evaluate_loaded(model, processor, load_dataset(valid_json), batch_size=16, greedy=True,
+                           max_new_tokens=max_new_tokens)
+
+
+def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CONFIG, overrides: list[str] | None = None,
+             console: Console | None = None) -> dict:
+    """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json)."""
+    from echoink.analysis.curves import plot_training_curves
+    from echoink.grpo.trainer import train
+
+    console = console or Console()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    config = load_config(config_path, [f"output_dir={out_dir / 'run'}",
+                                       f"model_path={out_dir / 'model_warm'}",
+                                       f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
+                                       f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
+                                       *(overrides or [])])
+    if config.torch_num_threads:
+        torch.set_num_threads(config.torch_num_threads)
+    prep = prepare_demo_inputs(out_dir, config, console, seed=config.seed)
+    valid_json = Path(config.eval_data)
+
+    console.print("[bold]4. greedy validation accuracy before GRPO[/bold]")
+    before = greedy_accuracy(Path(config.model_path), valid_json, config.max_completion_length)
+    console.print(f"   accuracy {before['accuracy']:.3f} on {before['n']} items (format {before['format_rate']:.3f})")
+
+    console.print(f"[bold]5. GRPO[/bold]: {config.max_steps} steps, {config.per_device_train_batch_size} prompts x "
+                  f"{config.num_generations} completions per step, lr {config.learning_rate}")
+    t = time.perf_counter()
+    final_dir = train(config, progress=True)
+    train_seconds = time.perf_counter() - t
+
+    console.print("[bold]6. greedy validation accuracy after GRPO[/bold]")
+    after = greedy_accuracy(final_dir, valid_json, config.max_completion_length)
+    curves = plot_training_curves(Path(config.output_dir), Path(config.output_dir) / "curves.png")
+
+    summary = {
+        "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+        "format_before": before["format_rate"], "format_after": after["format_rate"],
+        "ci_before": [before["ci_low"], before["ci_high"]], "ci_after": [after["ci_low"], after["ci_high"]],
+        "valid_items": after["n"], "steps": config.max_steps, "train_seconds": train_seconds,
+        "total_seconds": time.perf_counter() - started, "final_model": str(final_dir), "curves": str(curves),
+        "warmup": prep.get("warmup"),
+        "note": "tiny random model; format warm-up used random letters, so the accuracy gain comes from GRPO's reward",
+    }
+    write_json_atomic(out_dir / "summary.json", summary)
+
+    table = Table(title="echoink demo: greedy validation accuracy (tiny model, synthetic audio-visual set)")
+    for column in ("", "accuracy (95% CI)", "format"):
+        table.add_column(column)
+    table.add_row("before GRPO", f"{before['accuracy']:.3f} ({before['ci_low']:.3f}-{before['ci_high']:.3f})",
+                  f"{before['format_rate']:.3f}")
+    table.add_row("after GRPO", f"{after['accuracy']:.3f} ({after['ci_low']:.3f}-{after['ci_high']:.3f})",
+                  f"{after['format_rate']:.3f}")
+    console.print(table)
+    console.print(f"{config.max_steps} GRPO steps in {train_seconds:.0f} s; curves: {curves}; summary: {out_dir / 'summary.json'}")
+    return summary

@@ -1,0 +1,581 @@
+"""Batched, resumable evaluation: records -> model.generate -> predictions.jsonl (one line per answer).
+
+    evaluate(model_dir, data.json, PRED.jsonl)          the CLI's `echoink eval`
+    evaluate_loaded(model, processor, records, ...)     the same on a loaded model (the trainer's eval)
+    generate_predictions(...)                           the generator both use: one list of rows per batch
+
+Prompts come from `model.inputs.encode_prompt` (the same prompt as training) and answers from
+`rewards.answer_letter` (the same parser as the accuracy reward), so evaluation and training agree by
+construction. Prompts are left-padded into batches (`model.batching`); greedy decoding gives the
+same predictions as batch size 1.
+
+Decoding. Greedy (default): one row per record, sample_idx 0. Sampling (`greedy=False`): `samples`
+rows per record, sample_idx 0..K-1, at `temperature`, `top_p`, `top_k` (None = no top-k). The
+`GenerationConfig` is built here from these arguments alone; the checkpoint's generation_config.json
+(Qwen's published sampling defaults) is ignored. Media tokens are never generated; `<|im_end|>` ends
+a reply.
+
+Batches. `batch_size` counts prompts per generate call; with K samples each prompt is answered K
+times in that call (B x K sequences). The records are cut into fixed chunks of `batch_size` (after
+`limit`); a chunk is split further when it mixes `use_audio_in_video` prompts with others. When
+sampling, the random generator is re-seeded from (seed, chunk, sub-batch) before each call and the
+caller's RNG state is restored afterwards: the same seed and batch size give the same samples, with
+or without interruptions.
+
+Output (JSON Lines, one object per answer)::
+
+    {"problem_id": 7, "sample_idx": 0, "gt": "C", "pred": "C", "correct": true, "reply": "<think>...",
+     "data_type": "image_audio", "needs": "audio", "reply_tokens": 93, "truncated": false,
+     "model": "/abs/model", "decoding": {"greedy": true, "samples": 1, "max_new_tokens": 256},
+     "prompt_version": "echoink-r1-v1", "ablate": "none"}
+
+`pred` is null when the reply cannot be parsed (it then counts as wrong); `reply_tokens` counts the
+generated tokens including the closing `<|im_end|>`; `needs` appears when the record has it.
+
+Resume. The run's settings are written atomically to a sidecar `PRED.jsonl.run.json` before the
+first row (the predictions file holds rows only, so every JSONL reader can read it). Rows are
+appended batch by batch (flush + fsync). On start, an existing non-empty PRED.jsonl is resumed only
+if its sidecar's settings equal the current ones (else `RunSignatureError`: never mix two runs);
+anything after the last newline (a line cut by a kill) is truncated away, and (problem_id,
+sample_idx) pairs already present are skipped. A chunk that was cut midway is generated again and
+only its missing rows are written. `batch_size` and `limit` may change between resumptions (they
+are recorded, not compared): lowering the batch size after running out of memory, or extending a
+`limit`ed run to the whole set, continues the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from echoink.data.atomic import write_json_atomic
+from echoink.data.records import Record, load_dataset
+from echoink.eval.metrics import wilson_interval
+from echoink.grpo.rollout import completion_mask, media_token_ids
+from echoink.grpo.types import PromptInputs
+from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
+from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
+from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
+from echoink.rewards import answer_letter, extract_answer, format_reward
+
+__all__ = [
+    "EOS_TOKEN",
+    "RUN_FORMAT",
+    "DecodingSettings",
+    "RunSignatureError",
+    "evaluate",
+    "evaluate_loaded",
+    "generate_predictions",
+    "run_file_path",
+    "summarize_rows",
+]
+
+EOS_TOKEN = "<|im_end|>"
+RUN_FORMAT = "echoink-predictions-v1"
+#: Sidecar keys that are recorded but may differ when a run is resumed.
+UNCOMPARED_KEYS = ("batch_size", "limit")
+
+Row = dict[str, Any]
+
+
+class RunSignatureError(ValueError):
+    """An existing predictions file was written with other settings (or without a run signature)."""
+
+
+# ---- decoding settings ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """How replies are decoded. Greedy ignores temperature/top_p/top_k/seed (one answer per record)."""
+
+    greedy: bool = True
+    samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+        if self.greedy and self.samples != 1:
+            raise ValueError(f"greedy decoding gives one answer per problem; samples={self.samples} needs sampling "
+                             "(greedy=False)")
+        if not self.greedy:
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k is not None and self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that shape the output (greedy: only max_new_tokens matters besides the mode)."""
+        if self.greedy:
+            return {"greedy": True, "samples": 1, "max_new_tokens": self.max_new_tokens}
+        return {"greedy": False, "samples": self.samples, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k, "seed": self.seed, "max_new_tokens": self.max_new_tokens}
+
+    def generation_config(self, eos_id: int, pad_id: int, suppress: list[int]) -> GenerationConfig:
+        """An explicit GenerationConfig: every logits-shaping knob set here, none from the checkpoint."""
+        common = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, num_beams=1,
+                      num_return_sequences=self.samples, eos_token_id=eos_id, pad_token_id=pad_id,
+                      suppress_tokens=suppress, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                      use_cache=True)
+        if self.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k or 0, **common)
+
+
+# ---- the generator ---------------------------------------------------------------------------------
+
+
+def generate_predictions(
+    model,
+    processor,
+    records: Sequence[Record],
+    *,
+    decoding: DecodingSettings = DecodingSettings(),
+    batch_size: int = 8,
+    ablate: str = "none",
+    lenient: bool = False,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    media_options: MediaOptions = MediaOptions(),
+    model_name: str = "",
+    skip: set[tuple[str, int]] | frozenset = frozenset(),
+) -> Iterator[list[Row]]:
+    """Yield the prediction rows of each batch, in record order (rows whose key is in `skip` left out).
+
+    A key is `(str(problem_id), sample_idx)`. Chunks whose rows are all in `skip` are not generated.
+    The model is put in eval mode for the call and its training flag restored afterwards.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if ablate not in ABLATIONS:
+        raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
+    _check_unique_ids(records)
+    tokenizer = processor.tokenizer
+    eos_id, pad_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token (needed for left padding)")
+    config = decoding.generation_config(eos_id, pad_id, media_token_ids(tokenizer))
+    common = {"model": model_name, "decoding": decoding.as_dict(), "prompt_version": template.version,
+              "ablate": ablate}
+    device, dtype = _model_device_dtype(model)
+
+    with _eval_mode(model):
+        for chunk_index, start in enumerate(range(0, len(records), batch_size)):
+            chunk = list(records[start : start + batch_size])
+            wanted = [(r, s) for r in chunk for s in range(decoding.samples) if (str(r.problem_id), s) not in skip]
+            if not wanted:
+                continue
+            prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
+            replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
+            for sub_index, members in enumerate(split_by_audio_in_video(prompts)):
+                seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
+                texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id,
+                                  device, dtype, seed)
+                for position, i in enumerate(members):
+                    for s in range(decoding.samples):
+                        replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.samples + s]
+            yield [_row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common) for r, s in wanted]
+
+
+@torch.no_grad()
+def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationConfig, eos_id: int, pad_id: int,
+              device, dtype, seed: int | None) -> list[tuple[str, int, bool]]:
+    """One generate call -> (reply text, reply tokens, truncated) per row (row b*K + k = prompt b, sample k)."""
+    batch = move_batch(collate_prompts(prompts, pad_id), device, dtype)
+    prompt_length = batch["input_ids"].shape[1]
+    rng = _seeded_rng(seed, device) if seed is not None else nullcontext()
+    with rng, _own_generation_defaults(model):
+        sequences = model.generate(**batch, generation_config=config)
+    _forget_rope_deltas(model)
+    completions = sequences[:, prompt_length:]                                   # [B*K, C]
+    mask, truncated = completion_mask(completions, eos_id)                       # [B*K, C], [B*K]
+    texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+    lengths = mask.sum(dim=1).tolist()
+    return [(text, int(n), bool(t)) for text, n, t in zip(texts, lengths, truncated.tolist())]
+
+
+def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncated: bool, *, lenient: bool,
+         common: dict[str, Any]) -> Row:
+    """One prediction line. Multiple choice: the option letter (`answer_letter`); other problems: the
+    stripped answer block, compared exactly (the accuracy reward's rule)."""
+    pred = answer_letter(reply, lenient=lenient) if record.is_multiple_choice else extract_answer(reply)
+    row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
+                "correct": pred is not None and pred == record.answer, "reply": reply,
+                "data_type": record.data_type}
+    if record.needs is not None:
+        row["needs"] = record.needs
+    row.update({"reply_tokens": reply_tokens, "truncated": truncated})
+    row.update(common)
+    return row
+
+
+# ---- whole runs ----------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: str | Path | tuple[Any, Any],
+    data_path: str | Path,
+    out_path: str | Path,
+    *,
+    batch_size: int = 8,
+    greedy: bool = True,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    ablate: str = "none",
+    limit: int | None = None,
+    lenient: bool = False,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    media_options: MediaOptions = MediaOptions(),
+    progress: bool = True,
+    dtype: str = "auto",
+    device: str | None = None,
+    on_batch: Callable[[list[Row]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model directory (or a loaded `(model, processor)`) on a dataset file; write PRED.jsonl.
+
+    Validates everything (settings, dataset, model directory, an existing output's signature) before
+    generating. `dtype` / `device` apply when loading from a directory (device: CUDA when available);
+    `on_batch(rows)` is called after each batch is written.
+    Returns :func:`summarize_rows` of every row in the file (resumed rows included) plus
+    `generated`, `resumed`, `seconds` and `out_path`.
+    Raises ModelLoadError, DatasetError, RunSignatureError or ValueError with one clear message.
+    """
+    decoding = DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, max_new_tokens=max_new_tokens)
+    if ablate not in ABLATIONS:
+        raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
+    records = load_dataset(data_path)
+    if isinstance(model, (str, Path)):
+        from echoink.model.loading import load_thinker
+
+        model_name = str(Path(model).resolve())
+        loaded, processor = load_thinker(model, dtype=dtype)
+        loaded.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    else:
+        loaded, processor = model
+        model_name = _model_name(loaded)
+    return evaluate_loaded(loaded, processor, records, out_path=out_path, batch_size=batch_size, greedy=greedy,
+                           samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                           max_new_tokens=max_new_tokens, ablate=ablate, limit=limit, lenient=lenient,
+                           template=template, media_options=media_options, progress=progress,
+                           model_name=model_name, data_name=str(Path(data_path).resolve()), on_batch=on_batch)
+
+
+def evaluate_loaded(
+    model,
+    processor,
+    records: Sequence[Record],
+    *,
+    out_path: str | Path | None = None,
+    batch_size: int = 8,
+    greedy: bool = True,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 256,
+    ablate: str = "none",
+    limit: int | None = None,
+    lenient: bool = False,
+    template: PromptTemplate = DEFAULT_TEMPLATE,
+    media_options: MediaOptions = MediaOptions(),
+    progress: bool = False,
+    model_name: str | None = None,
+    data_name: str | None = None,
+    on_batch: Callable[[list[Row]], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a loaded model on records; return the summary (write/resume `out_path` when given).
+
+    The trainer's in-training evaluation calls this greedily on a subset without `out_path`. The
+    model's training flag and the caller's RNG state are left as they were. `on_batch(rows)` is
+    called after each batch is written (rows just generated). Summary: :func:`summarize_rows` plus
+    `generated` (rows made now), `resumed` (rows found in `out_path`), `seconds` and `out_path`.
+    """
+    decoding = DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, max_new_tokens=max_new_tokens)
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        records = list(records)[:limit]
+    model_name = model_name or _model_name(model)
+    previous: list[Row] = []
+    if out_path is not None:
+        _, dtype = _model_device_dtype(model)
+        signature = {
+            "format": RUN_FORMAT, "model": model_name, "model_dtype": str(dtype).replace("torch.", ""),
+            "data": data_name or (records[0].source if records else ""), "decoding": decoding.as_dict(),
+            "ablate": ablate, "lenient": lenient, "prompt_version": template.version,
+            "prompt_sha256": _template_digest(template), "media_options": asdict(media_options),
+            "batch_size": batch_size, "limit": limit,
+        }
+        previous = _open_run(Path(out_path), signature)
+    done = {(str(row["problem_id"]), int(row.get("sample_idx", 0))) for row in previous}
+    wanted_keys = {(str(r.problem_id), s) for r in records for s in range(decoding.samples)}
+    rows = [row for row in previous if (str(row["problem_id"]), int(row.get("sample_idx", 0))) in wanted_keys]
+    started = time.perf_counter()
+    generated = 0
+    with _progress_bar(progress, total=len(wanted_keys), done=len(rows), rows=rows) as advance:
+        with (open(out_path, "a", encoding="utf-8") if out_path is not None else nullcontext()) as handle:
+            for batch_rows in generate_predictions(
+                model, processor, records, decoding=decoding, batch_size=batch_size, ablate=ablate,
+                lenient=lenient, template=template, media_options=media_options, model_name=model_name, skip=done,
+            ):
+                if handle is not None:
+                    handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in batch_rows))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                rows.extend(batch_rows)
+                generated += len(batch_rows)
+                advance(batch_rows)
+                if on_batch is not None:
+                    on_batch(batch_rows)
+    summary = summarize_rows(rows)
+    summary.update({"generated": generated, "resumed": len(rows) - generated,
+                    "seconds": time.perf_counter() - started, "out_path": None if out_path is None else str(out_path)})
+    return summary
+
+
+def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
+    """Headline numbers of prediction rows (for logs and the trainer; `echoink metrics` gives the full table).
+
+    n (rows), n_problems, samples_per_problem, accuracy with its 95% Wilson interval (ci_low, ci_high;
+    rows treated as independent), unparsed_rate (pred null), format_rate (format reward of the reply),
+    truncated_rate (no `<|im_end|>` within max_new_tokens), mean_reply_tokens and
+    accuracy_by_data_type {data_type: accuracy}. Rates are None when there are no rows.
+    """
+    n = len(rows)
+    problems: dict[str, int] = {}
+    for row in rows:
+        problems[str(row["problem_id"])] = problems.get(str(row["problem_id"]), 0) + 1
+    correct = sum(bool(row["correct"]) for row in rows)
+    low, high = wilson_interval(correct, n)
+
+    def rate(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    by_type: dict[str, list[float]] = {}
+    for row in rows:
+        by_type.setdefault(str(row.get("data_type")), []).append(float(bool(row["correct"])))
+    return {
+        "n": n,
+        "n_problems": len(problems),
+        "samples_per_problem": max(problems.values(), default=0),
+        "accuracy": rate([float(bool(row["correct"])) for row in rows]),
+        "ci_low": low,
+        "ci_high": high,
+        "unparsed_rate": rate([float(row.get("pred") is None) for row in rows]),
+        "format_rate": rate(format_reward([row.get("reply", "") for row in rows])),
+        "truncated_rate": rate([float(bool(row.get("truncated", False))) for row in rows]),
+        "mean_reply_tokens": rate([float(row["reply_tokens"]) for row in rows if "reply_tokens" in row]),
+        "accuracy_by_data_type": {key: sum(v) / len(v) for key, v in sorted(by_type.items())},
+    }
+
+
+# ---- the output file and its run signature ---------------------------------------------------------
+
+
+def run_file_path(out_path: str | Path) -> Path:
+    """The sidecar holding a predictions file's run settings: `PRED.jsonl.run.json`."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".run.json")
+
+
+def _open_run(out_path: Path, signature: dict[str, Any]) -> list[Row]:
+    """Check or create the run signature; repair a cut last line; return the rows already written."""
+    sidecar = run_file_path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"{out_path}: is a directory (expected a .jsonl file path)")
+    has_rows = out_path.is_file() and out_path.stat().st_size > 0
+    if not has_rows:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(sidecar, signature)
+        out_path.write_bytes(b"")
+        return []
+    if not sidecar.is_file():
+        raise RunSignatureError(f"{out_path}: exists but has no run signature ({sidecar.name}); it was not written "
+                                "by `echoink eval` — delete it or choose another output path")
+    try:
+        stored = json.loads(sidecar.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunSignatureError(f"{sidecar}: unreadable run signature ({exc.msg}); delete both files to start over") \
+            from None
+    differences = [
+        f"{key}: {_short(stored.get(key))} in the file, {_short(signature.get(key))} now"
+        for key in sorted(set(stored) | set(signature))
+        if key not in UNCOMPARED_KEYS and stored.get(key) != signature.get(key)
+    ]
+    if differences:
+        raise RunSignatureError(f"{out_path}: was written with other settings ({'; '.join(differences)}); "
+                                "refusing to mix runs — use another output path or delete it and its .run.json")
+    return _read_complete_rows(out_path)
+
+
+def _read_complete_rows(path: Path) -> list[Row]:
+    """Rows of every complete line; bytes after the last newline (a write cut by a kill) are truncated away."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    rows: list[Row] = []
+    seen: set[tuple[str, int]] = set()
+    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg}); the file is damaged before its last line")\
+                from None
+        if not isinstance(row, dict) or "problem_id" not in row or "correct" not in row:
+            raise ValueError(f"{path}:{number}: not a prediction row")
+        key = (str(row["problem_id"]), int(row.get("sample_idx", 0)))
+        if key in seen:
+            raise ValueError(f"{path}:{number}: duplicate row for problem_id {row['problem_id']!r} "
+                             f"sample_idx {key[1]}")
+        seen.add(key)
+        rows.append(row)
+    return rows
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def _check_unique_ids(records: Sequence[Record]) -> None:
+    seen: set[str] = set()
+    for record in records:
+        key = str(record.problem_id)
+        if key in seen:
+            raise ValueError(f"{record.source}:{record.index}:problem_id: {record.problem_id!r} appears twice "
+                             "(predictions are keyed by problem_id)")
+        seen.add(key)
+
+
+def _batch_seed(seed: int, chunk_index: int, sub_index: int) -> int:
+    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run."""
+    return int(np.random.SeedSequence([seed, chunk_index, sub_index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+@contextmanager
+def _seeded_rng(seed: int, device):
+    """Seed torch's generators for one call; restore the caller's RNG state afterwards."""
+    cuda = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def _own_generation_defaults(model):
+    """Swap in an empty `generation_config` so unset fields fall back to transformers' neutral defaults,
+    never to the checkpoint's generation_config.json (Qwen ships sampling defaults there)."""
+    target = _generation_owner(model)
+    saved = target.generation_config
+    target.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        target.generation_config = saved
+
+
+def _generation_owner(model):
+    """The module whose generation_config `generate` reads (the base model under a PEFT wrapper)."""
+    base = getattr(model, "get_base_model", None)
+    return base() if callable(base) else model
+
+
+def _forget_rope_deltas(model) -> None:
+    """`generate` leaves per-batch M-RoPE deltas on the thinker; clear them so no later forward reuses them."""
+    inner = getattr(_generation_owner(model), "model", None)
+    if inner is not None and hasattr(inner, "rope_deltas"):
+        inner.rope_deltas = None
+
+
+@contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def _model_name(model) -> str:
+    name = getattr(getattr(_generation_owner(model), "config", None), "_name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        return str(Path(name).resolve())
+    return name or type(model).__name__
+
+
+def _template_digest(template: PromptTemplate) -> str:
+    return hashlib.sha256(json.dumps(template.text_fields(), sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+@contextmanager
+def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
+    """Yield `advance(batch_rows)`; with `enabled`, a rich bar (on stderr) shows items/s and running accuracy."""
+    if not enabled:
+        yield lambda batch_rows: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    counts = {"correct": sum(bool(row["correct"]) for row in rows), "n": len(rows), "new": 0}
+    started = time.perf_counter()
+
+    def fields() -> dict[str, str]:
+        accuracy = f"{100 * counts['correct'] / counts['n']:.1f}%" if counts["n"] else "-"
+        elapsed = time.perf_counter() - started
+        speed = f"{counts['new'] / elapsed:.2f}" if counts["new"] and elapsed > 0 else "-"
+        return {"accuracy": accuracy, "speed": speed}
+
+    columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]} items/s"),
+               TextColumn("acc {task.fields[accuracy]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("eval", total=total, completed=done, **fields())
+
+        def advance(batch_rows: list[Row]) -> None:
+            counts["n"] += len(batch_rows)
+            counts["new"] += len(batch_rows)
+            counts["correct"] += sum(bool(row["correct"]) for row in batch_rows)
+            bar.update(task, advance=len(batch_rows), **fields())
+
+        yield advance
