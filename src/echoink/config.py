@@ -292,4 +292,6 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
     return str(hint).replace("typing.", "")
