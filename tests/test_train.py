@@ -36,7 +36,9 @@ def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_p
     out = tmp_path / "run"
     # 16 prompts, 2 steps x 2 prompts x grad-accum 4 = all 16: every data type is trained on
     cfg = load_config(None, _overrides(tiny_model_dir, mixed_dataset, out, "per_device_train_batch_size=2",
-                                       "gradient_accumulation_steps=4", "num_iterations=2", "beta=0.04", "max_steps=2"))
+                                       "gradient_accumulation_steps=4", "num_iterations=2", "beta=0.04", "max_steps=2",
+                                       f"eval_data={mixed_dataset}/valid/omni_rl_format_valid.json", "eval_steps=2",
+                                       "eval_limit=4", "eval_max_new_tokens=8"))
     final = train(cfg, progress=False)
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -44,11 +46,22 @@ def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_p
     for row in rows:
         assert EXPECTED_KEYS <= set(row), EXPECTED_KEYS - set(row)
         assert row["num_groups"] == 8
+    assert "eval/accuracy" not in rows[0] and 0.0 <= rows[1]["eval/accuracy"] <= 1.0 and rows[1]["eval/n"] == 4
     completions = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert len(completions) == 2 * 8 * 3
     trained_ids = {c["problem_id"] for c in completions}
     assert trained_ids == {r.problem_id for r in records}
     assert all({"problem_id", "completion", "rewards", "advantage", "step"} <= set(c) for c in completions)
+
+    # the analysis tools work on a real run's outputs
+    from echoink.analysis.aha import mine_aha
+    from echoink.analysis.curves import plot_training_curves
+
+    png = plot_training_curves(out, out / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    report = mine_aha(out, out / "aha")
+    assert (out / "aha" / "aha_report.json").is_file() and (out / "aha" / "aha_rate.png").is_file()
+    assert report is not None
 
     model, processor = load_thinker(final)
     base, _ = load_thinker(tiny_model_dir)

@@ -1,0 +1,5 @@
+"""Evaluation: batched, resumable generation (`run`) and metrics with uncertainty (`metrics`)."""
+
+from echoink.eval.run import evaluate, evaluate_loaded
+
+__all__ = ["evaluate", "evaluate_loaded"]
