@@ -27,7 +27,9 @@ from echoink.data import load_dataset
 from echoink.data.atomic import write_json_atomic
 from echoink.data.synth import write_synthetic_dataset
 from echoink.model import load_thinker, save_thinker
+from echoink.model.inputs import MediaOptions
 from echoink.model.tiny import write_tiny_checkpoint
+from echoink.prompts import PromptTemplate
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
@@ -56,17 +58,21 @@ def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, s
         console.print(f"[bold]3. format warm-up[/bold]: {WARMUP_STEPS} supervised steps on "
                       "'<think>ok</think><answer>L</answer>' with L a RANDOM letter (teaches the format, not the answers)")
         report["warmup"] = format_warmup(model, processor, load_dataset(train_json), steps=WARMUP_STEPS,
-                                         seed=seed, log=console.print)
+                                         seed=seed, media_options=MediaOptions.from_config(config),
+                                         template=PromptTemplate.from_dict(config.prompt_template), log=console.print)
         save_thinker(model, processor, warm_dir)
     return report
 
 
-def greedy_accuracy(model_dir: Path, valid_json: Path, max_new_tokens: int) -> dict:
+def greedy_accuracy(model_dir: Path, config) -> dict:
+    """Greedy accuracy on the demo's validation split, with the training prompt and media settings."""
     from echoink.eval.run import evaluate_loaded
 
     model, processor = load_thinker(model_dir)
-    return evaluate_loaded(model, processor, load_dataset(valid_json), batch_size=16, greedy=True,
-                           max_new_tokens=max_new_tokens)
+    return evaluate_loaded(model, processor, load_dataset(config.eval_data), batch_size=16, greedy=True,
+                           max_new_tokens=config.max_completion_length,
+                           template=PromptTemplate.from_dict(config.prompt_template),
+                           media_options=MediaOptions.from_config(config))
 
 
 def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CONFIG, overrides: list[str] | None = None,
@@ -86,10 +92,9 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     prep = prepare_demo_inputs(out_dir, config, console, seed=config.seed)
-    valid_json = Path(config.eval_data)
 
     console.print("[bold]4. greedy validation accuracy before GRPO[/bold]")
-    before = greedy_accuracy(Path(config.model_path), valid_json, config.max_completion_length)
+    before = greedy_accuracy(Path(config.model_path), config)
     console.print(f"   accuracy {before['accuracy']:.3f} on {before['n']} items (format {before['format_rate']:.3f})")
 
     console.print(f"[bold]5. GRPO[/bold]: {config.max_steps} steps, {config.per_device_train_batch_size} prompts x "
@@ -99,7 +104,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     train_seconds = time.perf_counter() - t
 
     console.print("[bold]6. greedy validation accuracy after GRPO[/bold]")
-    after = greedy_accuracy(final_dir, valid_json, config.max_completion_length)
+    after = greedy_accuracy(final_dir, config)
     curves = plot_training_curves(Path(config.output_dir), Path(config.output_dir) / "curves.png")
 
     summary = {

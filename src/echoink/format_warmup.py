@@ -21,6 +21,7 @@ from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.rollout import completion_mask
 from echoink.grpo.types import Group
 from echoink.model.inputs import MediaOptions, encode_prompt
+from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 WARMUP_THINK = "ok"
 
@@ -30,7 +31,8 @@ def warmup_target(letter: str) -> str:
 
 
 def format_warmup(model, processor, records, steps: int = 100, batch_size: int = 8, learning_rate: float = 1e-3,
-                  seed: int = 0, media_options: MediaOptions = MediaOptions(), log=print) -> dict:
+                  seed: int = 0, media_options: MediaOptions = MediaOptions(), template: PromptTemplate = DEFAULT_TEMPLATE,
+                  log=print) -> dict:
     """Train `model` in place for `steps` steps of `batch_size` prompts with random-letter targets."""
     rng = random.Random(seed)
     tokenizer = processor.tokenizer
@@ -44,7 +46,7 @@ def format_warmup(model, processor, records, steps: int = 100, batch_size: int =
         groups = []
         for record in rng.sample(records, min(batch_size, len(records))):
             if record.problem_id not in prompts:
-                prompts[record.problem_id] = encode_prompt(record, processor, media_options)
+                prompts[record.problem_id] = encode_prompt(record, processor, media_options, template)
             letter = rng.choice(record.option_letters)
             ids = tokenizer(warmup_target(letter), add_special_tokens=False, return_tensors="pt")["input_ids"]
             ids = torch.cat([ids, torch.tensor([[eos_id]])], dim=1)                       # [1, C]

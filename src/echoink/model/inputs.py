@@ -37,6 +37,12 @@ class MediaOptions:
     video_max_frames: int = 16
     use_audio_in_video: bool = True
 
+    @classmethod
+    def from_config(cls, config) -> "MediaOptions":
+        """The media fields of a TrainConfig."""
+        return cls(config.max_audio_seconds, config.min_pixels, config.max_pixels, config.video_fps,
+                   config.video_max_frames, config.use_audio_in_video)
+
 
 def encode_prompt(
     record: Record,
