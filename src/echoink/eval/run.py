@@ -63,6 +63,7 @@ from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import wilson_interval
 from echoink.grpo.rollout import completion_mask, media_token_ids
 from echoink.grpo.types import PromptInputs
+from echoink.model.generation import forget_rope_deltas, generation_owner, own_generation_defaults
 from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
 from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
@@ -203,9 +204,9 @@ def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationC
     batch = move_batch(collate_prompts(prompts, pad_id), device, dtype)
     prompt_length = batch["input_ids"].shape[1]
     rng = _seeded_rng(seed, device) if seed is not None else nullcontext()
-    with rng, _own_generation_defaults(model):
+    with rng, own_generation_defaults(model):
         sequences = model.generate(**batch, generation_config=config)
-    _forget_rope_deltas(model)
+    forget_rope_deltas(model)
     completions = sequences[:, prompt_length:]                                   # [B*K, C]
     mask, truncated = completion_mask(completions, eos_id)                       # [B*K, C], [B*K]
     texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
@@ -263,8 +264,9 @@ def evaluate(
     `generated`, `resumed`, `seconds` and `out_path`.
     Raises ModelLoadError, DatasetError, RunSignatureError or ValueError with one clear message.
     """
-    decoding = DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, max_new_tokens=max_new_tokens)
+    # validate the settings before loading anything
+    DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                     max_new_tokens=max_new_tokens)
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     records = load_dataset(data_path)
@@ -492,32 +494,6 @@ def _seeded_rng(seed: int, device):
 
 
 @contextmanager
-def _own_generation_defaults(model):
-    """Swap in an empty `generation_config` so unset fields fall back to transformers' neutral defaults,
-    never to the checkpoint's generation_config.json (Qwen ships sampling defaults there)."""
-    target = _generation_owner(model)
-    saved = target.generation_config
-    target.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        target.generation_config = saved
-
-
-def _generation_owner(model):
-    """The module whose generation_config `generate` reads (the base model under a PEFT wrapper)."""
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) else model
-
-
-def _forget_rope_deltas(model) -> None:
-    """`generate` leaves per-batch M-RoPE deltas on the thinker; clear them so no later forward reuses them."""
-    inner = getattr(_generation_owner(model), "model", None)
-    if inner is not None and hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
-
-
-@contextmanager
 def _eval_mode(model):
     was_training = model.training
     model.eval()
@@ -528,12 +504,14 @@ def _eval_mode(model):
 
 
 def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    parameter = next(model.parameters())
+    """Where the token embeddings live and their dtype (media tensors follow them; LoRA adapters may differ)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    parameter = embeddings.weight if embeddings is not None else next(model.parameters())
     return parameter.device, parameter.dtype
 
 
 def _model_name(model) -> str:
-    name = getattr(getattr(_generation_owner(model), "config", None), "_name_or_path", "") or ""
+    name = getattr(getattr(generation_owner(model), "config", None), "_name_or_path", "") or ""
     if name and Path(name).is_dir():
         return str(Path(name).resolve())
     return name or type(model).__name__
