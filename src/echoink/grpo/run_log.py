@@ -15,6 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from echoink.data.atomic import write_text_atomic
 from echoink.grpo.types import Group
 
 
@@ -48,9 +49,16 @@ class RunLog:
         if config.report_to:
             self.accelerator.init_trackers("echoink", config=_flat(config.to_dict()))
 
+    def truncate_after(self, step: int) -> None:
+        """Drop rows of steps after `step` (a resumed run redoes them): no step is logged twice."""
+        if self.main:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                truncate_jsonl_after(self.output_dir / name, step)
+        self.accelerator.wait_for_everyone()
+
     def note(self, message: str) -> None:
         if self.main:
-            self.console.print(message)
+            self.console.print(message, soft_wrap=True, highlight=False)  # one line, whatever the path length
 
     def step(self, step: int, metrics: dict, groups: list[Group], reward_names: list[str], every: int = 1) -> None:
         metrics = self._average_over_ranks(metrics)
@@ -99,6 +107,27 @@ class RunLog:
 
             rows = gather_object(rows)
         return rows
+
+
+def truncate_jsonl_after(path: Path, step: int) -> int:
+    """Rewrite `path` (atomically) without the rows whose "step" is greater than `step`, and without a
+    half-written last line; returns the number of rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
 
 
 def _append_jsonl(path: Path, rows: list[dict]) -> None:

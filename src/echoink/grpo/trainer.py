@@ -9,12 +9,11 @@
 One step = `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` prompts per
 device, each prompt answered `num_generations` times, followed by `num_iterations` optimizer
 updates on those same completions (TRL's μ). Distribution (DDP / FSDP / DeepSpeed) comes from
-accelerate; groups stay whole on one rank.
+accelerate (`distributed.py` holds what the back-ends need); groups stay whole on one rank.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -33,17 +32,17 @@ from echoink.data.atomic import write_json_atomic
 from echoink.grpo.advantages import group_advantages, group_reward_stats
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model_files
-from echoink.grpo.distributed import (accumulation, configure_deepspeed, gathered_for_generation, grad_norm_value,
-                                      make_accelerator)
+from echoink.grpo.distributed import (accumulation, check_dataset_modalities, check_micro_batches,
+                                      gathered_for_generation, grad_norm_value, make_accelerator, make_reference)
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import policy_loss
 from echoink.grpo.rollout import SamplingConfig, sample_group
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.types import Group
-from echoink.model import load_thinker, save_thinker
+from echoink.model import load_thinker
 from echoink.model.inputs import MediaOptions, encode_prompt
-from echoink.model.policy import Policy, apply_freezing, wrap_lora
+from echoink.model.policy import Policy, apply_freezing, merge_adapter, wrap_lora
 from echoink.prompts import PromptTemplate
 
 
@@ -68,6 +67,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         torch.set_num_threads(config.torch_num_threads)
 
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
+    check_dataset_modalities(accelerator, records)
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
@@ -75,7 +75,9 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     log.announce(config, arithmetic, len(records))
 
     # --- 2. model, reference, optimizer ---
-    thinker, processor = load_thinker(config.model_path, dtype="float32", attn_implementation=config.attn_implementation)
+    # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
+    base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
+    thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
     if config.gradient_checkpointing:
@@ -83,7 +85,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         thinker.config.use_cache = False
     reference = None
     if config.beta > 0 and peft_model is None:
-        reference = copy.deepcopy(thinker).eval().requires_grad_(False)
+        reference = make_reference(accelerator, config, thinker)  # a frozen copy; sharded under ZeRO-3
     policy = Policy(thinker)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
@@ -91,10 +93,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     updates = arithmetic["total_steps"] * config.num_iterations
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
                               num_training_steps=updates)
-    configure_deepspeed(accelerator, config)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if reference is not None:  # bf16 runs keep a bf16 reference (the policy's master weights stay fp32)
-        reference = reference.to(accelerator.device, torch.bfloat16 if config.bf16 else torch.float32)
     thinker = accelerator.unwrap_model(policy).thinker
 
     # --- 3. resume ---
@@ -109,14 +108,13 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                      num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
                      seed=config.seed, shuffle=config.shuffle_dataset,
                      answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
-    media_options = MediaOptions(config.max_audio_seconds, config.min_pixels, config.max_pixels, config.video_fps,
-                                 config.video_max_frames, config.use_audio_in_video)
+    media_options = MediaOptions.from_config(config)
     sampling = SamplingConfig(config.num_generations, config.max_completion_length, config.temperature,
                               config.top_p, config.top_k)
     model_dtype = torch.bfloat16 if config.bf16 else torch.float32
 
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
-        save_model_files(accelerator, policy, processor, directory, peft_model)
+        save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
@@ -138,15 +136,13 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     # --- 5. final model ---
     final = output_dir / "final"
     accelerator.wait_for_everyone()
+    save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
+                     peft_model)  # under LoRA: output_dir/adapter (+ the merged thinker in final/ on request)
     if accelerator.is_main_process:
-        if peft_model is not None:
-            peft_model.save_pretrained(str(output_dir / "adapter"))
-            processor.save_pretrained(str(output_dir / "adapter"))
-            if config.save_merged_model:
-                save_thinker(peft_model.merge_and_unload(), processor, final)
-        else:
-            save_thinker(thinker, processor, final)
+        if peft_model is not None and config.save_merged_model:
+            merge_adapter(config.model_path, output_dir / "adapter", final)
         write_json_atomic(output_dir / "config.resolved.json", config.to_dict())
+    accelerator.wait_for_everyone()
     log.close()
     accelerator.end_training()
     return final if (peft_model is None or config.save_merged_model) else output_dir / "adapter"
@@ -165,19 +161,23 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
     thinker.eval()
     batches: list[list[Group]] = []
     skipped = 0
-    with _autocast(accelerator):
+    with gathered_for_generation(accelerator, policy):
         for records in micro_batches:
             groups = []
             for record in records:
+                # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
                 prompt = encode_prompt(record, processor, media_options, template).to(device, model_dtype)
                 if config.max_prompt_length and prompt.length > config.max_prompt_length:
                     skipped += 1  # never truncate through media placeholders: skip and count
                     continue
-                group = sample_group(thinker, prompt, sampling, processor.tokenizer, share_prefill=sharing == "full")
+                with _autocast(accelerator):
+                    group = sample_group(thinker, prompt, sampling, processor.tokenizer,
+                                         share_prefill=sharing == "full")
                 group.record = record
                 groups.append(group)
             batches.append(groups)
     timings["rollout_seconds"] = time.perf_counter() - t
+    check_micro_batches(accelerator, batches)
     all_groups = [g for groups in batches for g in groups]
 
     # 2. rewards [G, R] per group -> weighted totals [B*G] -> group-normalised advantages [B*G]
@@ -191,7 +191,7 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
 
     # 3. old-policy and reference log-probs (no grad)
     t = time.perf_counter()
-    with torch.no_grad(), _autocast(accelerator):
+    with torch.no_grad(), _autocast(accelerator), gathered_for_generation(accelerator, policy):
         if config.num_iterations > 1:
             for group, logps in zip(all_groups, group_token_logps(thinker, all_groups, sharing, config.temperature)):
                 group.old_logps = logps
@@ -208,32 +208,35 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
     loss_stats: list[dict] = []
     grad_norm = torch.tensor(0.0)
     tokens_in_step = sum(int(g.completion_mask.sum()) for g in all_groups)
+    last_batch = max((i for i, groups in enumerate(batches) if groups), default=-1)
     for _ in range(config.num_iterations):
-        for groups in batches:
+        for index, groups in enumerate(batches):
             if not groups:
                 continue
-            with _autocast(accelerator):
-                logps = _pad_cat(policy(groups, sharing=sharing, temperature=config.temperature))  # [B*G, C]
-            mask = _pad_cat([g.completion_mask for g in groups]).to(logps.dtype)
-            if config.mask_truncated_completions:
-                mask = mask * (~torch.cat([g.truncated for g in groups])).to(mask.dtype)[:, None]
-            loss, stats = policy_loss(
-                logps,
-                _pad_cat([g.old_logps for g in groups]) if config.num_iterations > 1 else None,
-                _pad_cat([g.ref_logps for g in groups]) if config.beta > 0 else None,
-                torch.cat([g.advantages for g in groups]).to(device),
-                mask,
-                loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
-                beta=config.beta, importance_sampling_level=config.importance_sampling_level,
-                max_completion_length=config.max_completion_length,
-                use_bias_correction_kl=config.use_bias_correction_kl,
-                num_items_in_batch=tokens_in_step if config.loss_type in ("dapo", "bnpo") else None,
-            )
-            scale = 1.0 if config.loss_type in ("dapo", "bnpo") else 1.0 / len(batches)
-            accelerator.backward(loss * scale)
-            loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
+            # gradients of the micro-batches add up locally; the last one synchronises (and steps DeepSpeed)
+            with accumulation(accelerator, policy, sync=index == last_batch):
+                with _autocast(accelerator):
+                    logps = _pad_cat(policy(groups, sharing=sharing, temperature=config.temperature))  # [B*G, C]
+                mask = _pad_cat([g.completion_mask for g in groups]).to(logps.dtype)
+                if config.mask_truncated_completions:
+                    mask = mask * (~torch.cat([g.truncated for g in groups])).to(mask.dtype)[:, None]
+                loss, stats = policy_loss(
+                    logps,
+                    _pad_cat([g.old_logps for g in groups]) if config.num_iterations > 1 else None,
+                    _pad_cat([g.ref_logps for g in groups]) if config.beta > 0 else None,
+                    torch.cat([g.advantages for g in groups]).to(device),
+                    mask,
+                    loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+                    beta=config.beta, importance_sampling_level=config.importance_sampling_level,
+                    max_completion_length=config.max_completion_length,
+                    use_bias_correction_kl=config.use_bias_correction_kl,
+                    num_items_in_batch=tokens_in_step if config.loss_type in ("dapo", "bnpo") else None,
+                )
+                scale = 1.0 if config.loss_type in ("dapo", "bnpo") else 1.0 / len(batches)
+                accelerator.backward(loss * scale)
+                loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
         if config.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

@@ -60,3 +60,16 @@ def wrap_lora(thinker: nn.Module, config):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=target_modules, bias="none")
     return get_peft_model(thinker, lora)
+
+
+def merge_adapter(model_path, adapter_dir, out_dir):
+    """Base thinker from `model_path` + the LoRA adapter in `adapter_dir`, merged, saved to `out_dir`
+    as a thinker-only checkpoint (load_thinker reads it). Works whatever sharding trained the adapter:
+    LoRA leaves the base weights untouched, so the base is read back from disk."""
+    from peft import PeftModel
+
+    from echoink.model import load_thinker, save_thinker
+
+    base, processor = load_thinker(model_path, dtype="auto")
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return save_thinker(merged, processor, out_dir)
