@@ -24,7 +24,7 @@ from rich.table import Table
 
 from echoink.config import load_config
 from echoink.data import load_dataset
-from echoink.data.atomic import write_json_atomic
+from echoink.atomic_io import write_json_atomic
 from echoink.data.synth import write_synthetic_dataset
 from echoink.model import load_thinker, save_thinker
 from echoink.model.inputs import MediaOptions

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from echoink.analysis.atomic import save_figure_atomic, write_text_atomic
+from echoink.atomic_io import save_figure_atomic, write_text_atomic
 from echoink.analysis.jsonl import JsonlError, iter_jsonl
 from echoink.rewards import accuracy_reward, answer_letter, extract_answer
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence, Union
 
 from matplotlib.ticker import MaxNLocator
 
-from echoink.analysis.atomic import save_figure_atomic
+from echoink.atomic_io import save_figure_atomic
 from echoink.analysis.jsonl import JsonlError, iter_jsonl
 
 METRICS_FILE = "metrics.jsonl"

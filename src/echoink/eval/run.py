@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from echoink.data.atomic import write_json_atomic
+from echoink.atomic_io import write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import wilson_interval
 from echoink.grpo.rollout import completion_mask, media_token_ids

@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from echoink.data.atomic import write_json_atomic
+from echoink.atomic_io import write_json_atomic
 from echoink.grpo.distributed import full_state_dict
 from echoink.model.processor import save_processor
 

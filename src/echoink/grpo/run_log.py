@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from echoink.data.atomic import write_text_atomic
+from echoink.atomic_io import write_text_atomic
 from echoink.grpo.types import Group
 
 

@@ -28,7 +28,7 @@ from transformers import get_scheduler
 
 from echoink.config import TrainConfig
 from echoink.data import load_dataset
-from echoink.data.atomic import write_json_atomic
+from echoink.atomic_io import write_json_atomic
 from echoink.grpo.advantages import group_advantages, group_reward_stats
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model_files

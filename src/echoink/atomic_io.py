@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["save_figure_atomic", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
@@ -41,3 +41,12 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def write_json_atomic(path: str | Path, value: Any, *, indent: int | None = 2) -> Path:
     """Write ``value`` as JSON (UTF-8, non-ASCII kept, trailing newline) to ``path`` atomically."""
     return write_text_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def save_figure_atomic(figure, path: str | Path, dpi: int = 110) -> Path:
+    """Render a matplotlib ``Figure`` to PNG in memory, then write it to ``path`` atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return write_bytes_atomic(path, buffer.getvalue())
