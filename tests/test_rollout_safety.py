@@ -1,0 +1,58 @@
+"""Rollouts never sample media placeholders; over-long prompts are skipped and counted, never truncated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from echoink.data import load_dataset
+from echoink.grpo.rollout import SamplingConfig, completion_mask, media_token_ids, sample_group
+from echoink.model import load_thinker
+from echoink.model.inputs import encode_prompt
+
+
+class _MediaLovingHead(torch.nn.Module):
+    """An lm_head whose logits put +50 on every media token and 0 elsewhere."""
+
+    def __init__(self, vocab: int, favoured: list[int]) -> None:
+        super().__init__()
+        self.bias = torch.zeros(vocab)
+        self.bias[favoured] = 50.0
+
+    def forward(self, hidden):
+        return self.bias.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("share_prefill", [False, True])
+def test_media_tokens_are_never_sampled(tiny_model_dir, mixed_dataset, share_prefill):
+    model, processor = load_thinker(tiny_model_dir)
+    media = media_token_ids(processor.tokenizer)
+    names = processor.tokenizer.convert_ids_to_tokens(media)
+    assert {"<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>"} <= set(names)
+    model.lm_head = _MediaLovingHead(model.config.text_config.vocab_size, media)
+    record = load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")[0]
+    torch.manual_seed(0)
+    group = sample_group(model, encode_prompt(record, processor), SamplingConfig(num_generations=4, max_new_tokens=6),
+                         processor.tokenizer, share_prefill=share_prefill)
+    assert not torch.isin(group.completion_ids, torch.tensor(media)).any()
+
+
+def test_completion_mask_includes_the_first_eos_only():
+    ids = torch.tensor([[5, 7, 9, 9], [9, 5, 5, 5], [5, 5, 5, 5]])
+    mask, truncated = completion_mask(ids, eos_id=9)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_over_long_prompts_are_skipped_and_counted(tiny_model_dir, mixed_dataset, tmp_path):
+    from echoink.config import load_config
+    from echoink.grpo.trainer import train
+
+    cfg = load_config(None, [f"model_path={tiny_model_dir}", f"train_data={mixed_dataset}/train/omni_rl_format_train.json",
+                             f"output_dir={tmp_path / 'run'}", "num_generations=2", "max_completion_length=4",
+                             "max_steps=1", "per_device_train_batch_size=3", "max_prompt_length=16", "beta=0"])
+    train(cfg, progress=False)
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["skipped_prompts"] == 3 and row["num_groups"] == 0
