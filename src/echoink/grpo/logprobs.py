@@ -11,13 +11,26 @@ Three exact paths (`sharing`), equal within float rounding (tests compare them):
              media repeated G times, so encoders and prompt run G times (what other trainers do).
 * "encoders" the encoders run once per prompt (`embed_prompt`); the language model still runs on
              G x (P + C) tokens.
-* "full"     the prompt runs once too. Two ways, chosen by the situation:
-             - prompt KV cache (default): the prompt is run once with grad, its cache repeated G ways
-               (differentiable), and the completions attend to it: P + G*C tokens.
-             - packed sequence (when gradient checkpointing is on in training, because transformers
-               drops `past_key_values` there): one sequence [prompt, c_1 ... c_G] with a block-causal
-               mask (completion i sees the prompt and itself) and per-completion positions:
-               P + sum C_i tokens, no padding; the dense mask computes the masked blocks too.
+* "full"     the prompt runs once too (`prefix` picks how; "auto" = `full_sharing_path`):
+             - "kv" (prompt K/V, the default everywhere it is exact): the prompt runs once, with
+               grad, and each layer's keys/values are handed out through a cache; the G
+               completions then run as a batch [G, C-1] whose attention sees [prompt K/V, own K/V]
+               (expanded G ways inside the layer, so the gradient of the prompt K/V is summed
+               over the group). P + G*(C-1) tokens; attention G*(C-1) x (P + C).
+             - "packed": one sequence [prompt, c_1 .. c_G] with a block-causal mask (completion i
+               sees the prompt and itself) and per-completion positions: P + sum(C_i - 1) tokens,
+               no padding, but the dense [L, L] mask makes attention compute every masked block
+               too (L = P + G*C), which grows as G^2 C^2.
+             Why "kv" also under gradient checkpointing: transformers drops caches inside
+             checkpointed layers, because a cache that appends would be appended to again when
+             backward replays the layer. Ours never append — the prompt pass records (a replay
+             overwrites with equal tensors) and the completion pass only reads — so we let them
+             through (`_can_checkpoint_with_cache` on the layers, for the duration of the call).
+             The non-reentrant checkpoint differentiates the recorded K/V like any tensor of
+             the graph; a reentrant one would not (it runs the layer under no_grad), so there
+             "auto" falls back to "packed". Measured on the benchmark shape (P ~ 720, G = 16,
+             C = 128/256, CPU, checkpointing on): "kv" takes about half the time of "packed"
+             for the policy forward + backward (docs/performance.md).
 
 The [N, vocab] logits are produced in row chunks and reduced to log-probs immediately (with the
 chunk recomputed in backward), so [G, C, vocab] fp32 logits never exist at once.
@@ -34,7 +47,13 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
 from echoink.grpo.types import Group
-from echoink.model.prompt_embedding import completion_positions, embed_prompt, prompt_positions
+from echoink.model.prompt_embedding import (
+    completion_positions,
+    embed_prompt,
+    masked_attention,
+    prompt_positions,
+    require_full_attention,
+)
 
 SHARING = ("none", "encoders", "full")
 PREFIX_PATHS = ("auto", "kv", "packed")
@@ -50,8 +69,10 @@ def group_token_logps(model, groups: list[Group], sharing: str = "full", tempera
         raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
     if prefix not in PREFIX_PATHS:
         raise ValueError(f"prefix must be one of {PREFIX_PATHS}, got {prefix!r}")
-    if sharing == "full" and prefix == "auto":
-        prefix = full_sharing_path(model)
+    if sharing == "full":
+        require_full_attention(model.model.language_model)
+        if prefix == "auto":
+            prefix = full_sharing_path(model)
     results = []
     for group in groups:
         if sharing == "none":
@@ -136,7 +157,7 @@ def _hidden_encoders_once(model, group: Group) -> torch.Tensor:
 
 def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
     """Prompt once with grad, its K/V shared by the G completions: -> [G, C, H]."""
-    prompt, g, c = group.prompt, group.size, group.completion_ids.shape[1]
+    prompt, g, c, p = group.prompt, group.size, group.completion_ids.shape[1], group.prompt.length
     language_model = model.model.language_model
     prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
     recorder = Cache(layers=[_RecordLayer() for _ in language_model.layers])
@@ -149,8 +170,13 @@ def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
         prefix = Cache(layers=[_PrefixLayer(layer.recorded_keys, layer.recorded_values) for layer in recorder.layers])
         completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])      # [G, C-1, H]
         positions = completion_positions(prompt_pos, c - 1).expand(3, g, -1)
-        out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=prefix,
-                             use_cache=False)
+        # completion token t sees the whole prompt and its own tokens 0..t
+        allowed = torch.ones(c - 1, p + c - 1, dtype=torch.bool, device=completion_embeds.device)
+        allowed[:, p:] = allowed[:, p:].tril()
+        mask = _attention_mask(model, allowed, completion_embeds.dtype)
+        with masked_attention(language_model):
+            out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=prefix,
+                                 attention_mask=mask, use_cache=False)
     return torch.cat([last_prompt_state, out.last_hidden_state], dim=1)
 
 
@@ -250,8 +276,9 @@ def _hidden_packed(model, group: Group) -> torch.Tensor:
         allowed[start:end, start:end] = torch.ones(length - 1, length - 1, dtype=torch.bool,
                                                    device=embeds.device).tril()
     mask = _attention_mask(model, allowed, embeds.dtype)
-    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                     use_cache=False)
+    with masked_attention(model.model.language_model):
+        out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
+                                         use_cache=False)
     states = out.last_hidden_state[0]                                                       # [L, H]
 
     rows = []

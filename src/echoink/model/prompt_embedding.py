@@ -12,14 +12,20 @@ embeddings as requiring grad.
 Completion token t then sits at `max(prompt positions) + 1 + t` on all three axes. Positions are
 always passed explicitly: the thinker keeps `rope_deltas` as state between forwards, which must
 not leak from one prompt into another.
+
+`attention_implementation` / `masked_attention` switch the language model's attention function for
+the duration of a call (checkpoint replays included); the group-sharing paths use them.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from echoink.grpo.types import PromptInputs
 
@@ -79,3 +85,82 @@ def completion_positions(prompt_pos: torch.Tensor, length: int) -> torch.Tensor:
     """[3, 1, P] prompt positions -> [3, 1, length] positions of completion tokens 0..length-1."""
     start = prompt_pos.max() + 1
     return (start + torch.arange(length, device=prompt_pos.device)).view(1, 1, -1).expand(3, 1, -1)
+
+
+@contextmanager
+def attention_implementation(language_model, name: str):
+    """Run the language model's attention through the registered function `name` for a while.
+
+    The attention modules look their function up in the (text) config at every call; this swaps
+    the name there and puts the previous one back, also on error. Gradient checkpointing replays
+    a layer's forward during backward, after this context has ended: the checkpoint function of
+    each checkpointed layer is wrapped meanwhile, so that the replay runs under `name` too (a
+    replay under another implementation would not match the forward).
+    """
+    replaced = []
+    for layer in language_model.layers:
+        original = vars(layer).get("_gradient_checkpointing_func")
+        if getattr(layer, "gradient_checkpointing", False) and original is not None:
+            layer._gradient_checkpointing_func = _replays_under(original, language_model.config, name)
+            replaced.append((layer, original))
+    try:
+        with _config_attention(language_model.config, name):
+            yield
+    finally:
+        for layer, original in replaced:
+            layer._gradient_checkpointing_func = original
+
+
+@contextmanager
+def _config_attention(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _replays_under(checkpoint_function, config, name: str):
+    """A checkpoint function whose checkpointed function (forward and replay) runs under `name`."""
+    def checkpointed(function, *args, **kwargs):
+        def under_name(*inner_args, **inner_kwargs):
+            with _config_attention(config, name):
+                return function(*inner_args, **inner_kwargs)
+        return checkpoint_function(under_name, *args, **kwargs)
+    return checkpointed
+
+
+GQA_SDPA = "echoink_sdpa_gqa"
+
+
+def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """sdpa that shares key/value heads natively (`enable_gqa`) even with an explicit mask.
+
+    transformers' sdpa path copies K/V once per query head (`repeat_kv`) whenever there is a mask,
+    because CUDA's masked kernels lack GQA. PyTorch's CPU flash kernel has it: same result, without
+    the [G, heads, P + C, d] copies in forward and their gradients in backward. Needs an explicit
+    mask (is_causal is not inferred); on other devices this is transformers' sdpa.
+    """
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _sdpa_gqa_forward)
+
+
+def require_full_attention(language_model) -> None:
+    """The shared paths build their own masks, which know nothing of sliding windows."""
+    if getattr(language_model, "has_sliding_layers", False):
+        raise NotImplementedError("group sharing does not support sliding-window attention layers")
+
+
+def masked_attention(language_model):
+    """Context for forwards that pass an explicit 4-D mask: GQA-native sdpa when the model uses sdpa."""
+    if language_model.config._attn_implementation == "sdpa":
+        return attention_implementation(language_model, GQA_SDPA)
+    return nullcontext()
