@@ -76,7 +76,7 @@ def groups(tiny, prompts):
 @contextmanager
 def training_mode(model, gradient_checkpointing: bool, reentrant: bool = False):
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     model.train()
     try:
         yield

@@ -32,7 +32,7 @@ def _count_checkpointed_layers(model) -> dict:
 
 def test_gradient_checkpointing_is_off_in_rollouts_and_on_in_the_policy_forward(tiny_model_dir, mixed_dataset):
     thinker, processor = load_thinker(tiny_model_dir, dtype="float32")
-    thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    thinker.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     thinker.config.use_cache = False  # what the trainer sets with gradient_checkpointing
     calls = _count_checkpointed_layers(thinker)
     record = next(r for r in load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")

@@ -41,6 +41,7 @@ from echoink.model.prompt_embedding import (
     require_full_attention,
 )
 from echoink.grpo.types import Group, PromptInputs
+from echoink.model.generation import forget_rope_deltas, own_generation_defaults
 
 MEDIA_TOKEN_ATTRIBUTES = ("audio_token", "image_token", "video_token", "audio_bos_token", "audio_eos_token",
                           "vision_bos_token", "vision_eos_token")
@@ -102,7 +103,9 @@ def _generation_config(sampling: SamplingConfig, eos_id: int, pad_id: int, suppr
 
 def _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress) -> torch.Tensor:
     config = _generation_config(sampling, eos_id, pad_id, suppress)
-    out = model.generate(**prompt.model_kwargs(), generation_config=config)
+    with own_generation_defaults(model):  # our settings only, never the checkpoint's sampling defaults
+        out = model.generate(**prompt.model_kwargs(), generation_config=config)
+    forget_rope_deltas(model)
     return out[:, prompt.length:]
 
 

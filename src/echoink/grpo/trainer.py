@@ -81,7 +81,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
     if config.gradient_checkpointing:
-        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        thinker.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         thinker.config.use_cache = False
     reference = None
     if config.beta > 0 and peft_model is None:
