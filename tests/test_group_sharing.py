@@ -83,7 +83,7 @@ def training_mode(model, gradient_checkpointing: bool, reentrant: bool = False):
     finally:
         model.eval()
         if gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
 
 
