@@ -209,6 +209,7 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
     grad_norm = torch.tensor(0.0)
     tokens_in_step = sum(int(g.completion_mask.sum()) for g in all_groups)
     last_batch = max((i for i, groups in enumerate(batches) if groups), default=-1)
+    active_batches = sum(1 for groups in batches if groups)
     for _ in range(config.num_iterations):
         for index, groups in enumerate(batches):
             if not groups:
@@ -232,7 +233,8 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
                     use_bias_correction_kl=config.use_bias_correction_kl,
                     num_items_in_batch=tokens_in_step if config.loss_type in ("dapo", "bnpo") else None,
                 )
-                scale = 1.0 if config.loss_type in ("dapo", "bnpo") else 1.0 / len(batches)
+                # per-sequence losses average over micro-batches; token-normalised ones already use the step's tokens
+                scale = 1.0 if config.loss_type in ("dapo", "bnpo") else 1.0 / active_batches
                 accelerator.backward(loss * scale)
                 loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
         if config.max_grad_norm > 0:
@@ -244,9 +246,8 @@ def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft
 
     metrics = _step_metrics(all_groups, rewards, loss_stats, grad_norm, skipped, config.num_generations)
     metrics.update(timings)
-    completion_tokens = sum(int(g.completion_mask.sum()) for g in all_groups)
     total_seconds = sum(timings.values())
-    metrics["tokens_per_second"] = completion_tokens / total_seconds if total_seconds > 0 else 0.0
+    metrics["tokens_per_second"] = tokens_in_step / total_seconds if total_seconds > 0 else 0.0
     return StepResult(metrics=metrics, groups=all_groups)
 
 
