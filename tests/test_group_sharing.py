@@ -137,6 +137,20 @@ def test_paths_agree_on_logps_and_gradients(tiny, groups, gradient_checkpointing
                 assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": False}
 
 
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_prompt_kv_path_in_completion_chunks(tiny, groups, gradient_checkpointing, monkeypatch):
+    """Completions split over several language-model calls (2 per call here) change nothing."""
+    import echoink.grpo.logprobs as logprobs
+
+    model, _ = tiny
+    with training_mode(model, gradient_checkpointing):
+        reference_logps, reference_grads = logps_and_grads(model, groups, "none")
+        monkeypatch.setattr(logprobs, "COMPLETION_TOKENS_PER_CHUNK", 16)  # 2 completions per call
+        logps, grads = logps_and_grads(model, groups, "full", "kv")
+    assert_logps_close(logps, reference_logps, groups)
+    assert_grads_close(grads, reference_grads)
+
+
 def test_no_grad_paths_agree_in_eval_mode(tiny, groups):
     """Old-policy / reference passes: eval mode, no grad."""
     model, _ = tiny

@@ -56,6 +56,7 @@ from echoink.model.prompt_embedding import (
 )
 
 SHARING = ("none", "encoders", "full")
+COMPLETION_TOKENS_PER_CHUNK = 1024  # prompt-K/V path: completion tokens per language-model call
 PREFIX_PATHS = ("auto", "kv", "packed")
 
 
@@ -167,17 +168,24 @@ def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
         last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                # [G, 1, H]
         if c == 1:
             return last_prompt_state
-        prefix = Cache(layers=[_PrefixLayer(layer.recorded_keys, layer.recorded_values) for layer in recorder.layers])
         completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])      # [G, C-1, H]
-        positions = completion_positions(prompt_pos, c - 1).expand(3, g, -1)
+        positions = completion_positions(prompt_pos, c - 1)                                  # [3, 1, C-1]
         # completion token t sees the whole prompt and its own tokens 0..t
         allowed = torch.ones(c - 1, p + c - 1, dtype=torch.bool, device=completion_embeds.device)
         allowed[:, p:] = allowed[:, p:].tril()
         mask = _attention_mask(model, allowed, completion_embeds.dtype)
+        # Completions run in chunks of about COMPLETION_TOKENS_PER_CHUNK tokens: each chunk's attention
+        # scores [chunk, heads, C-1, P+C-1] are transient (and recomputed chunk by chunk under checkpointing).
+        per_chunk = max(1, COMPLETION_TOKENS_PER_CHUNK // (c - 1))
+        states = []
         with masked_attention(language_model):
-            out = language_model(inputs_embeds=completion_embeds, position_ids=positions, past_key_values=prefix,
-                                 attention_mask=mask, use_cache=False)
-    return torch.cat([last_prompt_state, out.last_hidden_state], dim=1)
+            for chunk in completion_embeds.split(per_chunk):
+                prefix = Cache(layers=[_PrefixLayer(layer.recorded_keys, layer.recorded_values)
+                                       for layer in recorder.layers])
+                out = language_model(inputs_embeds=chunk, position_ids=positions.expand(3, chunk.shape[0], -1),
+                                     past_key_values=prefix, attention_mask=mask, use_cache=False)
+                states.append(out.last_hidden_state)
+    return torch.cat([last_prompt_state, torch.cat(states)], dim=1)
 
 
 class _RecordLayer(DynamicLayer):
