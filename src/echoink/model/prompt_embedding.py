@@ -156,7 +156,8 @@ AttentionInterface.register(GQA_SDPA, _sdpa_gqa_forward)
 def require_full_attention(language_model) -> None:
     """The shared paths build their own masks, which know nothing of sliding windows."""
     if getattr(language_model, "has_sliding_layers", False):
-        raise NotImplementedError("group sharing does not support sliding-window attention layers")
+        raise ValueError("group_sharing: full does not support sliding-window attention layers "
+                         "(Qwen2.5-Omni has none); set group_sharing: none for this model")
 
 
 def masked_attention(language_model):
