@@ -4,7 +4,6 @@ is saved (in checkpoints too) and the merged thinker reloads with load_thinker a
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch

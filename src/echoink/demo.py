@@ -14,7 +14,6 @@ batches. Nothing here says anything about Qwen2.5-Omni-7B's accuracy on AVQA.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -256,7 +256,7 @@ def _cache_through_checkpointing(language_model):
 
 def _hidden_packed(model, group: Group) -> torch.Tensor:
     """One packed sequence [prompt, c_1 .. c_G] with a block-causal mask: -> [G, C, H]."""
-    prompt, g, c, p = group.prompt, group.size, group.completion_ids.shape[1], group.prompt.length
+    prompt, c, p = group.prompt, group.completion_ids.shape[1], group.prompt.length
     lengths = group.completion_lengths.clamp(min=1).tolist()                                # C_i (>= 1)
     prompt_embeds = embed_prompt(model, prompt)[0]                                          # [P, H]
     token_embeds = model.get_input_embeddings()

@@ -14,9 +14,6 @@ accelerate (`distributed.py` holds what the back-ends need); groups stay whole o
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
