@@ -46,11 +46,12 @@ are recorded, not compared): lowering the batch size after running out of memory
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -237,36 +238,27 @@ def evaluate(
     data_path: str | Path,
     out_path: str | Path,
     *,
-    batch_size: int = 8,
-    greedy: bool = True,
-    samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int | None = None,
-    seed: int = 0,
-    max_new_tokens: int = 256,
-    ablate: str = "none",
-    limit: int | None = None,
-    lenient: bool = False,
-    template: PromptTemplate = DEFAULT_TEMPLATE,
-    media_options: MediaOptions = MediaOptions(),
     progress: bool = True,
     dtype: str = "auto",
     device: str | None = None,
-    on_batch: Callable[[list[Row]], None] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate a model directory (or a loaded `(model, processor)`) on a dataset file; write PRED.jsonl.
 
-    Validates everything (settings, dataset, model directory, an existing output's signature) before
-    generating. `dtype` / `device` apply when loading from a directory (device: CUDA when available);
-    `on_batch(rows)` is called after each batch is written.
+    `settings` are :func:`evaluate_loaded`'s keyword arguments (batch_size, greedy, samples,
+    temperature, top_p, top_k, seed, max_new_tokens, ablate, limit, lenient, template, media_options,
+    on_batch). Validates everything (settings, dataset, model directory, an existing output's
+    signature) before generating. `dtype` / `device` apply when loading from a directory (device:
+    CUDA when available).
     Returns :func:`summarize_rows` of every row in the file (resumed rows included) plus
     `generated`, `resumed`, `seconds` and `out_path`.
     Raises ModelLoadError, DatasetError, RunSignatureError or ValueError with one clear message.
     """
-    # validate the settings before loading anything
-    DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                     max_new_tokens=max_new_tokens)
+    unknown = sorted(set(settings) - _EVALUATE_SETTINGS)
+    if unknown:
+        raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
+    DecodingSettings(**{k: v for k, v in settings.items() if k in _DECODING_FIELDS})
+    ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     records = load_dataset(data_path)
@@ -279,11 +271,8 @@ def evaluate(
     else:
         loaded, processor = model
         model_name = _model_name(loaded)
-    return evaluate_loaded(loaded, processor, records, out_path=out_path, batch_size=batch_size, greedy=greedy,
-                           samples=samples, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                           max_new_tokens=max_new_tokens, ablate=ablate, limit=limit, lenient=lenient,
-                           template=template, media_options=media_options, progress=progress,
-                           model_name=model_name, data_name=str(Path(data_path).resolve()), on_batch=on_batch)
+    return evaluate_loaded(loaded, processor, records, out_path=out_path, progress=progress, model_name=model_name,
+                           data_name=str(Path(data_path).resolve()), **settings)
 
 
 def evaluate_loaded(
@@ -359,6 +348,11 @@ def evaluate_loaded(
     summary.update({"generated": generated, "resumed": len(rows) - generated,
                     "seconds": time.perf_counter() - started, "out_path": None if out_path is None else str(out_path)})
     return summary
+
+
+_EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
+    "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
+_DECODING_FIELDS = {f.name for f in fields(DecodingSettings)}
 
 
 def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
