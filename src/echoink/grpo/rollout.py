@@ -34,14 +34,14 @@ from transformers.generation.logits_process import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from echoink.grpo.types import Group, PromptInputs
+from echoink.model.generation import forget_rope_deltas, own_generation_defaults
 from echoink.model.prompt_embedding import (
     attention_implementation,
     embed_prompt,
     prompt_positions,
     require_full_attention,
 )
-from echoink.grpo.types import Group, PromptInputs
-from echoink.model.generation import forget_rope_deltas, own_generation_defaults
 
 MEDIA_TOKEN_ATTRIBUTES = ("audio_token", "image_token", "video_token", "audio_bos_token", "audio_eos_token",
                           "vision_bos_token", "vision_eos_token")

@@ -20,17 +20,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
+from echoink.atomic_io import write_json_atomic
 from echoink.config import TrainConfig
 from echoink.data import load_dataset
-from echoink.atomic_io import write_json_atomic
 from echoink.grpo.advantages import group_advantages, group_reward_stats
 from echoink.grpo.batches import BatchPlan
-from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model_files
-from echoink.grpo.distributed import (accumulation, check_dataset_modalities, check_micro_batches,
-                                      gathered_for_generation, grad_norm_value, make_accelerator, make_reference)
+from echoink.grpo.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint_state,
+    save_checkpoint,
+    save_model_files,
+)
+from echoink.grpo.distributed import (
+    accumulation,
+    check_dataset_modalities,
+    check_micro_batches,
+    gathered_for_generation,
+    grad_norm_value,
+    make_accelerator,
+    make_reference,
+)
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import policy_loss
 from echoink.grpo.rollout import SamplingConfig, sample_group
@@ -41,6 +54,26 @@ from echoink.model import load_thinker
 from echoink.model.inputs import MediaOptions, encode_prompt
 from echoink.model.policy import Policy, apply_freezing, merge_adapter, wrap_lora
 from echoink.prompts import PromptTemplate
+
+
+@dataclass
+class StepContext:
+    """What every GRPO step works with, built once by `train`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    policy: torch.nn.Module          # accelerate-wrapped `Policy`: log-probs with grad go through its forward
+    thinker: torch.nn.Module         # the unwrapped (LoRA-injected) thinker: rollouts and no-grad passes
+    reference: torch.nn.Module | None  # frozen copy when beta > 0 without LoRA
+    peft_model: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    processor: object
+    rewards: RewardSet
+    sampling: SamplingConfig
+    media_options: MediaOptions
+    template: PromptTemplate
+    model_dtype: torch.dtype
 
 
 @dataclass
@@ -113,12 +146,14 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
+    context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
+                          rewards, sampling, media_options, template, model_dtype)
+
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
         t0 = time.perf_counter()
         micro_batches = [[records[i] for i in indices] for indices in plan.step_indices(step, accelerator.process_index)]
-        result = grpo_step(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler,
-                           processor, micro_batches, rewards, sampling, media_options, template, model_dtype)
+        result = grpo_step(context, micro_batches)
         result.metrics["step_seconds"] = time.perf_counter() - t0
         result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
         if eval_records and (step + 1) % config.eval_steps == 0:
@@ -145,10 +180,15 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     return final if (peft_model is None or config.save_merged_model) else output_dir / "adapter"
 
 
-def grpo_step(config: TrainConfig, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler,
-              processor, micro_batches, rewards: RewardSet, sampling: SamplingConfig, media_options, template,
-              model_dtype) -> StepResult:
-    """One GRPO step: rollouts, rewards, advantages, reference/old log-probs, num_iterations updates."""
+def grpo_step(context: StepContext, micro_batches: list[list]) -> StepResult:
+    """One GRPO step: rollouts, rewards, advantages, reference/old log-probs, num_iterations updates.
+
+    micro_batches: this rank's records, one list of `per_device_train_batch_size` per accumulation step.
+    """
+    config, accelerator, policy, thinker = context.config, context.accelerator, context.policy, context.thinker
+    processor, rewards, sampling = context.processor, context.rewards, context.sampling
+    media_options, template, model_dtype = context.media_options, context.template, context.model_dtype
+    reference, peft_model, optimizer, scheduler = context.reference, context.peft_model, context.optimizer, context.scheduler
     device = accelerator.device
     timings = {"rollout_seconds": 0.0, "logprob_seconds": 0.0, "backward_seconds": 0.0}
     sharing = config.group_sharing
