@@ -151,13 +151,16 @@ def test_prompt_kv_path_in_completion_chunks(tiny, groups, gradient_checkpointin
     assert_grads_close(grads, reference_grads)
 
 
-def test_no_grad_paths_agree_in_eval_mode(tiny, groups):
-    """Old-policy / reference passes: eval mode, no grad."""
-    model, _ = tiny
+def assert_no_grad_paths_match_plain(model, groups):
     with torch.no_grad():
         reference = group_token_logps(model, groups, sharing="none")
         for sharing, prefix in PATHS:
             assert_logps_close(group_token_logps(model, groups, sharing=sharing, prefix=prefix), reference, groups)
+
+
+def test_no_grad_paths_agree_in_eval_mode(tiny, groups):
+    """Old-policy / reference passes: eval mode, no grad."""
+    assert_no_grad_paths_match_plain(tiny[0], groups)
 
 
 def test_temperature_scales_logits_the_same_way(tiny, groups):
@@ -173,10 +176,7 @@ def test_single_token_completions(tiny, prompts):
     """C = 1 (every completion is just EOS): only the last prompt state predicts anything."""
     model, processor = tiny
     group = [make_group(prompts["image_audio"], [1, 1, 1], processor.tokenizer, seed=5)]
-    with torch.no_grad():
-        reference = group_token_logps(model, group, sharing="none")
-        for sharing, prefix in PATHS:
-            assert_logps_close(group_token_logps(model, group, sharing=sharing, prefix=prefix), reference, group)
+    assert_no_grad_paths_match_plain(model, group)
 
 
 def test_auto_path_choice(tiny, groups):
