@@ -1,4 +1,4 @@
-"""Group sharing benchmark: one GRPO step, plain vs encoders-once vs prompt-once.
+"""Group sharing benchmark: one GRPO step, group_sharing none (plain) vs encoders vs full.
 
     python benchmarks/group_sharing.py                                  # CPU, C = 128 and 256, G = 16
     python benchmarks/group_sharing.py --gradient-checkpointing
@@ -17,7 +17,7 @@ the processor. Each step, for G completions of exactly C tokens:
 The log-prob phases score random completion ids (no EOS), so every completion has exactly C
 tokens. Paths (what `TrainConfig.group_sharing` selects):
 
-    plain       generate(num_return_sequences=G); log-probs of G x [prompt, completion]
+    none        generate(num_return_sequences=G); log-probs of G x [prompt, completion]
     encoders    generate(num_return_sequences=G); encoders once per prompt in log-prob passes
     full        prefill once in the rollout; prompt once in log-prob passes (prompt K/V shared)
     full-packed as full, but log-prob passes pack [prompt, c_1 .. c_G] with a block-causal mask
@@ -52,8 +52,8 @@ import sys
 import time
 from pathlib import Path
 
-PATHS = ("plain", "encoders", "full", "full-packed")
-SHARING = {"plain": ("none", "auto"), "encoders": ("encoders", "auto"), "full": ("full", "kv"),
+PATHS = ("none", "encoders", "full", "full-packed")
+SHARING = {"none": ("none", "auto"), "encoders": ("encoders", "auto"), "full": ("full", "kv"),
            "full-packed": ("full", "packed")}
 PHASES = ("rollout", "policy", "reference")
 QUESTION = (  # ~180 tokens, so that P ~ 720 with the image and the audio
@@ -75,7 +75,7 @@ def build_prompt(processor):
     import torch
     from PIL import Image, ImageDraw
 
-    from echoink.grpo.types import MEDIA_KEYS, PromptInputs
+    from echoink.model.inputs import MEDIA_KEYS, PromptInputs
 
     rng = np.random.default_rng(0)
     image = Image.new("RGB", (448, 448), (40, 40, 40))
@@ -141,7 +141,7 @@ def step_tokens(path: str, p: int, g: int, c: int) -> dict:
     """Token positions through the language model and encoder runs, per phase (G completions of C tokens)."""
     rollout = p + g * (c - 1) if path.startswith("full") else g * p + g * (c - 1)
     logprob = p + g * (c - 1) if path.startswith("full") else g * (p + c)
-    encoders_per_pass = 1 if path != "plain" else g
+    encoders_per_pass = 1 if path != "none" else g
     return {"lm_tokens": rollout + 2 * logprob, "lm_tokens_rollout": rollout, "lm_tokens_logprob": logprob,
             "encoder_runs": (1 if path.startswith("full") else g) + 2 * encoders_per_pass}
 
@@ -150,7 +150,8 @@ def run_worker(args) -> dict:
     import torch
 
     from echoink.grpo.logprobs import group_token_logps
-    from echoink.grpo.rollout import SamplingConfig, completion_mask, sample_group
+    from echoink.grpo.rollout import sample_group
+    from echoink.model.generation import SamplingSettings, completion_mask
     from echoink.grpo.types import Group
     from echoink.model.tiny import SPECS, build_tiny_thinker
 
@@ -193,7 +194,7 @@ def run_worker(args) -> dict:
         def rollout():
             model.eval()
             torch.manual_seed(seed)
-            sampling = SamplingConfig(num_generations=g, max_new_tokens=c, min_new_tokens=c)
+            sampling = SamplingSettings(num_generations=g, max_new_tokens=c, min_new_tokens=c)
             sampled = sample_group(model, prompt, sampling, tokenizer, share_prefill=sharing == "full")
             assert sampled.completion_ids.shape == (g, c) and bool(sampled.completion_mask.all()), "C must be exact"
 
@@ -270,8 +271,8 @@ def loadavg() -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    """Markdown table; ratios are against the plain path at the same C."""
-    plain = {r["C"]: r for r in results if r["path"] == "plain"}
+    """Markdown table; ratios are against group_sharing none (the plain path) at the same C."""
+    plain = {r["C"]: r for r in results if r["path"] == "none"}
     head = ("| C | path | rollout s | policy fwd+bwd s | reference s | step s | step × | rollout × | policy × | "
             "step cpu s | cpu × | LM tokens | encoder runs | peak MiB | peak × | +act MiB | +act × |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -302,7 +303,7 @@ def main(argv=None) -> None:
     parser.add_argument("--generations", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="rounds over all configurations (median time)")
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=None,
-                        help="default: plain encoders full (+ full-packed with --gradient-checkpointing)")
+                        help="default: none encoders full (+ full-packed with --gradient-checkpointing)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
@@ -323,9 +324,9 @@ def main(argv=None) -> None:
         print(json.dumps(run_worker(args)))
         return
 
-    paths = args.paths or (["plain", "encoders", "full"] + (["full-packed"] if args.gradient_checkpointing else []))
-    if "plain" not in paths:
-        paths = ["plain", *paths]
+    paths = args.paths or (["none", "encoders", "full"] + (["full-packed"] if args.gradient_checkpointing else []))
+    if "none" not in paths:
+        paths = ["none", *paths]
     started, load_before = time.perf_counter(), loadavg()
     print(f"# group sharing: G={args.generations} C={args.completion_lengths} "
           f"gradient_checkpointing={args.gradient_checkpointing} device={args.device} dtype={args.dtype} "

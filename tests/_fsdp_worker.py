@@ -26,10 +26,11 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
 from echoink.data import load_dataset
 from echoink.grpo.distributed import gathered_for_generation
-from echoink.grpo.rollout import SamplingConfig, sample_group
+from echoink.grpo.rollout import sample_group
+from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
-from echoink.model.policy import Policy
+from echoink.grpo.logprobs import Policy
 
 
 def main(model_dir: str, data_file: str, out_dir: str) -> None:
@@ -49,7 +50,7 @@ def main(model_dir: str, data_file: str, out_dir: str) -> None:
     inner.eval()
     with gathered_for_generation(accelerator, policy):
         full_numel = sum(p.numel() for p in inner.parameters())
-        group = sample_group(inner, encode_prompt(record, processor), SamplingConfig(3, 6), processor.tokenizer)
+        group = sample_group(inner, encode_prompt(record, processor), SamplingSettings(3, 6), processor.tokenizer)
     group.record = record
     inner.train()
     logps = policy([group])[0]

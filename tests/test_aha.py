@@ -12,7 +12,7 @@ from echoink.analysis.aha import (
     normalize_choice,
     stated_answers,
 )
-from echoink.analysis.jsonl import JsonlError
+from echoink.io import JsonlError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from echoink.analysis.curves import ema, load_metrics, metric_series, plot_training_curves
-from echoink.analysis.jsonl import JsonlError
+from echoink.io import JsonlError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -26,7 +26,7 @@ from echoink.data import load_dataset
 from echoink.data.media import load_audio, load_image
 from echoink.data.synth import write_synthetic_dataset
 from echoink.eval.run import RunSignatureError, evaluate, evaluate_loaded, run_file_path
-from echoink.grpo.rollout import media_token_ids
+from echoink.model.generation import media_token_ids
 from echoink.model import load_thinker
 from echoink.model.batching import collate_prompts, split_by_audio_in_video
 from echoink.model.inputs import MID_GREY, encode_prompt

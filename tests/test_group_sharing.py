@@ -18,7 +18,8 @@ import torch
 from echoink.data import load_dataset
 from echoink.data.synth import write_synthetic_dataset
 from echoink.grpo.logprobs import full_sharing_path, group_token_logps
-from echoink.grpo.rollout import SamplingConfig, completion_mask, sample_group
+from echoink.grpo.rollout import sample_group
+from echoink.model.generation import SamplingSettings, completion_mask
 from echoink.grpo.types import Group
 from echoink.model.inputs import encode_prompt
 from echoink.model.prompt_embedding import embed_prompt
@@ -248,10 +249,10 @@ def test_unknown_sharing_is_rejected(tiny, groups):
 # ---- rollouts -----------------------------------------------------------------------------------------
 
 SAMPLINGS = {
-    "default": SamplingConfig(num_generations=4, max_new_tokens=12),
-    "t0.7-p0.9-k50": SamplingConfig(num_generations=4, max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=50),
-    "t1.3-p0.8": SamplingConfig(num_generations=4, max_new_tokens=12, temperature=1.3, top_p=0.8),
-    "greedy": SamplingConfig(num_generations=1, max_new_tokens=8, greedy=True),  # generate: greedy needs G = 1
+    "default": SamplingSettings(num_generations=4, max_new_tokens=12),
+    "t0.7-p0.9-k50": SamplingSettings(num_generations=4, max_new_tokens=12, temperature=0.7, top_p=0.9, top_k=50),
+    "t1.3-p0.8": SamplingSettings(num_generations=4, max_new_tokens=12, temperature=1.3, top_p=0.8),
+    "greedy": SamplingSettings(num_generations=1, max_new_tokens=8, greedy=True),  # generate: greedy needs G = 1
 }
 
 
@@ -300,7 +301,7 @@ def eos_happy(tiny):
 
 def test_rollouts_identical_when_completions_end_early(tiny, prompts, eos_happy):
     _, processor = tiny
-    sampling = SamplingConfig(num_generations=6, max_new_tokens=16, temperature=0.9, top_p=0.95)
+    sampling = SamplingSettings(num_generations=6, max_new_tokens=16, temperature=0.9, top_p=0.95)
     plain, shared = sample_both_ways(eos_happy, prompts["image_audio"], sampling, processor.tokenizer, seed=7)
     assert torch.equal(plain.completion_ids, shared.completion_ids)
     assert torch.equal(plain.completion_mask, shared.completion_mask)
@@ -310,7 +311,7 @@ def test_rollouts_identical_when_completions_end_early(tiny, prompts, eos_happy)
 
 def test_min_new_tokens_fixes_the_length_in_both_paths(tiny, prompts, eos_happy):
     _, processor = tiny
-    sampling = SamplingConfig(num_generations=4, max_new_tokens=10, min_new_tokens=10)
+    sampling = SamplingSettings(num_generations=4, max_new_tokens=10, min_new_tokens=10)
     plain, shared = sample_both_ways(eos_happy, prompts["video_audio"], sampling, processor.tokenizer, seed=11)
     assert torch.equal(plain.completion_ids, shared.completion_ids)
     assert shared.completion_ids.shape == (4, 10)

@@ -11,10 +11,12 @@ import torch
 from echoink.config import TrainConfig, load_config
 from echoink.data import load_dataset
 from echoink.grpo.logprobs import group_token_logps
-from echoink.grpo.rollout import SamplingConfig, sample_group
+from echoink.grpo.rollout import sample_group
+from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
-from echoink.model.policy import Policy, wrap_lora
+from echoink.grpo.logprobs import Policy
+from echoink.model.trainable import wrap_lora
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def group(tiny_model_dir, mixed_dataset):
     record = next(r for r in load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")
                   if r.data_type == "image_audio")
     torch.manual_seed(0)
-    return sample_group(model, encode_prompt(record, processor), SamplingConfig(4, 10), processor.tokenizer)
+    return sample_group(model, encode_prompt(record, processor), SamplingSettings(4, 10), processor.tokenizer)
 
 
 def _logps(model, group) -> torch.Tensor:

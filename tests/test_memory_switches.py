@@ -11,10 +11,11 @@ from safetensors.torch import load_file
 
 from echoink.config import load_config
 from echoink.data import load_dataset
-from echoink.grpo.rollout import SamplingConfig, sample_group
+from echoink.grpo.rollout import sample_group
+from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
-from echoink.model.policy import Policy
+from echoink.grpo.logprobs import Policy
 
 
 def _count_checkpointed_layers(model) -> dict:
@@ -40,7 +41,7 @@ def test_gradient_checkpointing_is_off_in_rollouts_and_on_in_the_policy_forward(
     prompt = encode_prompt(record, processor)
 
     thinker.eval()  # rollouts run in eval mode: checkpointing inactive, KV cache used
-    groups = [sample_group(thinker, prompt, SamplingConfig(3, 6), processor.tokenizer, share_prefill=share)
+    groups = [sample_group(thinker, prompt, SamplingSettings(3, 6), processor.tokenizer, share_prefill=share)
               for share in (True, False)]
     assert calls["n"] == 0
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from echoink.analysis.jsonl import JsonlError
+from echoink.io import JsonlError
 from echoink.eval.metrics import (
     accuracy_summary,
     load_predictions,

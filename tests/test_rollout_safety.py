@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from echoink.data import load_dataset
-from echoink.grpo.rollout import SamplingConfig, completion_mask, media_token_ids, sample_group
+from echoink.grpo.rollout import sample_group
+from echoink.model.generation import SamplingSettings, completion_mask, media_token_ids
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
 
@@ -34,7 +35,7 @@ def test_media_tokens_are_never_sampled(tiny_model_dir, mixed_dataset, share_pre
     model.lm_head = _MediaLovingHead(model.config.text_config.vocab_size, media)
     record = load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")[0]
     torch.manual_seed(0)
-    group = sample_group(model, encode_prompt(record, processor), SamplingConfig(num_generations=4, max_new_tokens=6),
+    group = sample_group(model, encode_prompt(record, processor), SamplingSettings(num_generations=4, max_new_tokens=6),
                          processor.tokenizer, share_prefill=share_prefill)
     assert not torch.isin(group.completion_ids, torch.tensor(media)).any()
 

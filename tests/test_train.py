@@ -28,6 +28,7 @@ def _overrides(model_dir, data_dir, out_dir, *extra):
 
 def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_path):
     from echoink.data import load_dataset
+    from echoink.eval import training_evaluator
     from echoink.grpo.trainer import train
     from echoink.model import load_thinker
 
@@ -39,7 +40,7 @@ def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_p
                                        "gradient_accumulation_steps=4", "num_iterations=2", "beta=0.04", "max_steps=2",
                                        f"eval_data={mixed_dataset}/valid/omni_rl_format_valid.json", "eval_steps=2",
                                        "eval_limit=4", "eval_max_new_tokens=8"))
-    final = train(cfg, progress=False)
+    final = train(cfg, progress=False, evaluate=training_evaluator(cfg))
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

@@ -160,12 +160,14 @@ def train_command(
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
         return
+    from echoink.eval import training_evaluator
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
 
     try:
-        final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet)
+        final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
+                      evaluate=training_evaluator(cfg))
     except (DatasetError, ModelLoadError, RewardError, ConfigError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(f"final model: {final}")
@@ -178,7 +180,7 @@ def demo_command(
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model, GRPO, before/after accuracy, curves.
 
-    Extra key=value arguments override configs/demo_cpu.yaml (e.g. max_steps=20).
+    Extra key=value arguments override the demo config shipped in the package (echoink/demo/demo_cpu.yaml) (e.g. max_steps=20).
     """
     from echoink.demo import run_demo
 

@@ -19,11 +19,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
-GROUP_SHARING = ("none", "encoders", "full")
+from echoink.choices import GROUP_SHARING, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LR_SCHEDULERS, SCALE_REWARDS  # noqa: E501
+
 
 
 class ConfigError(ValueError):
@@ -122,12 +119,12 @@ class TrainConfig:
                 problems.append(message)
 
         check(self.loss_type in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        check(self.importance_sampling_level in IMPORTANCE_LEVELS,
-              f"importance_sampling_level must be one of {IMPORTANCE_LEVELS}, got {self.importance_sampling_level!r}")
+        check(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+              f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {self.importance_sampling_level!r}")
         check(self.scale_rewards in SCALE_REWARDS,
               f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
-        check(self.lr_scheduler_type in SCHEDULERS,
-              f"lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        check(self.lr_scheduler_type in LR_SCHEDULERS,
+              f"lr_scheduler_type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         check(self.group_sharing in GROUP_SHARING,
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")

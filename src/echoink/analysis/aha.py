@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from echoink.atomic_io import save_figure_atomic, write_text_atomic
-from echoink.analysis.jsonl import JsonlError, iter_jsonl
+from echoink.io import save_figure_atomic, write_text_atomic
+from echoink.io import JsonlError, iter_jsonl
 from echoink.rewards import accuracy_reward, answer_letter, extract_answer
 
 DEFAULT_REFLECTIVE_EXPRESSIONS: tuple[str, ...] = (

@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence, Union
 
 from matplotlib.ticker import MaxNLocator
 
-from echoink.atomic_io import save_figure_atomic
-from echoink.analysis.jsonl import JsonlError, iter_jsonl
+from echoink.io import save_figure_atomic
+from echoink.io import JsonlError, iter_jsonl
 
 METRICS_FILE = "metrics.jsonl"
 

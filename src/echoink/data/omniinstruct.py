@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from PIL import Image
 
-from echoink.atomic_io import write_bytes_atomic, write_json_atomic
+from echoink.io import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "ANSWER_COLUMN",

@@ -45,7 +45,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-from echoink.atomic_io import write_bytes_atomic, write_json_atomic
+from echoink.io import write_bytes_atomic, write_json_atomic
 
 __all__ = [
     "COLOURS",

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence, Union
 
 import numpy as np
 
-from echoink.analysis.jsonl import JsonlError, iter_jsonl
+from echoink.io import JsonlError, iter_jsonl
 from echoink.rewards import format_reward
 
 Row = dict[str, Any]

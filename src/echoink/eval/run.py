@@ -48,10 +48,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import os
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -59,27 +58,32 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
-from echoink.atomic_io import write_json_atomic
+from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import wilson_interval
-from echoink.grpo.rollout import completion_mask, media_token_ids
-from echoink.grpo.types import PromptInputs
-from echoink.model.generation import forget_rope_deltas, generation_owner, own_generation_defaults
+from echoink.model.generation import (
+    SamplingSettings,
+    completion_mask,
+    forget_rope_deltas,
+    generation_owner,
+    media_token_ids,
+    own_generation_defaults,
+)
 from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
-from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
+from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from echoink.rewards import answer_letter, extract_answer, format_reward
 
 __all__ = [
     "EOS_TOKEN",
     "RUN_FORMAT",
-    "DecodingSettings",
     "RunSignatureError",
     "evaluate",
     "evaluate_loaded",
     "generate_predictions",
     "run_file_path",
     "summarize_rows",
+    "training_evaluator",
 ]
 
 EOS_TOKEN = "<|im_end|>"
@@ -94,56 +98,6 @@ class RunSignatureError(ValueError):
     """An existing predictions file was written with other settings (or without a run signature)."""
 
 
-# ---- decoding settings ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """How replies are decoded. Greedy ignores temperature/top_p/top_k/seed (one answer per record)."""
-
-    greedy: bool = True
-    samples: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    seed: int = 0
-    max_new_tokens: int = 256
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.samples < 1:
-            raise ValueError(f"samples must be >= 1, got {self.samples}")
-        if self.greedy and self.samples != 1:
-            raise ValueError(f"greedy decoding gives one answer per problem; samples={self.samples} needs sampling "
-                             "(greedy=False)")
-        if not self.greedy:
-            if not self.temperature > 0:
-                raise ValueError(f"temperature must be > 0, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-            if self.top_k is not None and self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The settings that shape the output (greedy: only max_new_tokens matters besides the mode)."""
-        if self.greedy:
-            return {"greedy": True, "samples": 1, "max_new_tokens": self.max_new_tokens}
-        return {"greedy": False, "samples": self.samples, "temperature": self.temperature, "top_p": self.top_p,
-                "top_k": self.top_k, "seed": self.seed, "max_new_tokens": self.max_new_tokens}
-
-    def generation_config(self, eos_id: int, pad_id: int, suppress: list[int]) -> GenerationConfig:
-        """An explicit GenerationConfig: every logits-shaping knob set here, none from the checkpoint."""
-        common = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=0, num_beams=1,
-                      num_return_sequences=self.samples, eos_token_id=eos_id, pad_token_id=pad_id,
-                      suppress_tokens=suppress, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                      use_cache=True)
-        if self.greedy:
-            return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
-                                top_k=self.top_k or 0, **common)
-
-
 # ---- the generator ---------------------------------------------------------------------------------
 
 
@@ -152,7 +106,7 @@ def generate_predictions(
     processor,
     records: Sequence[Record],
     *,
-    decoding: DecodingSettings = DecodingSettings(),
+    decoding: SamplingSettings = SamplingSettings(greedy=True),
     batch_size: int = 8,
     ablate: str = "none",
     lenient: bool = False,
@@ -183,7 +137,7 @@ def generate_predictions(
     with _eval_mode(model):
         for chunk_index, start in enumerate(range(0, len(records), batch_size)):
             chunk = list(records[start : start + batch_size])
-            wanted = [(r, s) for r in chunk for s in range(decoding.samples) if (str(r.problem_id), s) not in skip]
+            wanted = [(r, s) for r in chunk for s in range(decoding.num_generations) if (str(r.problem_id), s) not in skip]
             if not wanted:
                 continue
             prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
@@ -193,8 +147,8 @@ def generate_predictions(
                 texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id,
                                   device, dtype, seed)
                 for position, i in enumerate(members):
-                    for s in range(decoding.samples):
-                        replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.samples + s]
+                    for s in range(decoding.num_generations):
+                        replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.num_generations + s]
             yield [_row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common) for r, s in wanted]
 
 
@@ -257,7 +211,7 @@ def evaluate(
     unknown = sorted(set(settings) - _EVALUATE_SETTINGS)
     if unknown:
         raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
-    DecodingSettings(**{k: v for k, v in settings.items() if k in _DECODING_FIELDS})
+    sampling_settings(**{k: v for k, v in settings.items() if k in _SAMPLING_ARGS})
     ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
@@ -306,8 +260,7 @@ def evaluate_loaded(
     called after each batch is written (rows just generated). Summary: :func:`summarize_rows` plus
     `generated` (rows made now), `resumed` (rows found in `out_path`), `seconds` and `out_path`.
     """
-    decoding = DecodingSettings(greedy=greedy, samples=samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                                seed=seed, max_new_tokens=max_new_tokens)
+    decoding = sampling_settings(greedy, samples, temperature, top_p, top_k, seed, max_new_tokens)
     if limit is not None:
         if limit < 0:
             raise ValueError(f"limit must be >= 0, got {limit}")
@@ -325,7 +278,7 @@ def evaluate_loaded(
         }
         previous = _open_run(Path(out_path), signature)
     done = {(str(row["problem_id"]), int(row.get("sample_idx", 0))) for row in previous}
-    wanted_keys = {(str(r.problem_id), s) for r in records for s in range(decoding.samples)}
+    wanted_keys = {(str(r.problem_id), s) for r in records for s in range(decoding.num_generations)}
     rows = [row for row in previous if (str(row["problem_id"]), int(row.get("sample_idx", 0))) in wanted_keys]
     started = time.perf_counter()
     generated = 0
@@ -336,9 +289,7 @@ def evaluate_loaded(
                 lenient=lenient, template=template, media_options=media_options, model_name=model_name, skip=done,
             ):
                 if handle is not None:
-                    handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in batch_rows))
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    append_jsonl(out_path, batch_rows, handle)
                 rows.extend(batch_rows)
                 generated += len(batch_rows)
                 advance(batch_rows)
@@ -352,7 +303,16 @@ def evaluate_loaded(
 
 _EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
     "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
-_DECODING_FIELDS = {f.name for f in fields(DecodingSettings)}
+
+
+def sampling_settings(greedy: bool = True, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int | None = None, seed: int = 0, max_new_tokens: int = 256) -> SamplingSettings:
+    """Evaluation's decoding arguments (`samples` = K answers per problem) as the shared settings type."""
+    return SamplingSettings(num_generations=samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, greedy=greedy, seed=seed)
+
+
+_SAMPLING_ARGS = set(inspect.signature(sampling_settings).parameters)
 
 
 def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
@@ -432,13 +392,8 @@ def _open_run(out_path: Path, signature: dict[str, Any]) -> list[Row]:
 
 def _read_complete_rows(path: Path) -> list[Row]:
     """Rows of every complete line; bytes after the last newline (a write cut by a kill) are truncated away."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with path.open("r+b") as handle:
-            handle.truncate(end)
-            handle.flush()
-            os.fsync(handle.fileno())
+    data = repair_cut_last_line(path)
+    end = len(data)
     rows: list[Row] = []
     seen: set[tuple[str, int]] = set()
     for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
@@ -551,3 +506,26 @@ def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
             bar.update(task, advance=len(batch_rows), **fields())
 
         yield advance
+
+
+def training_evaluator(config) -> Callable[[Any, Any], dict[str, float]] | None:
+    """The trainer's in-training evaluation, built by the caller (grpo never imports eval).
+
+    Reads and validates `config.eval_data` now (before any model loads); the returned function runs greedy
+    evaluation of the first `eval_limit` items with the training prompt and media settings and returns
+    `eval/*` metrics. None when `config.eval_steps` is 0.
+    """
+    if not config.eval_steps:
+        return None
+    records = load_dataset(config.eval_data)
+    subset = records[: config.eval_limit] if config.eval_limit else records
+    template = PromptTemplate.from_dict(config.prompt_template)
+    media_options = MediaOptions.from_config(config)
+    max_new_tokens = config.eval_max_new_tokens or config.max_completion_length
+
+    def evaluate_now(model, processor) -> dict[str, float]:
+        summary = evaluate_loaded(model, processor, subset, batch_size=config.eval_batch_size,
+                                  max_new_tokens=max_new_tokens, template=template, media_options=media_options)
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+
+    return evaluate_now

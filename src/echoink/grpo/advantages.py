@@ -21,8 +21,9 @@ from typing import Literal
 
 import torch
 
+from echoink.choices import SCALE_REWARDS
+
 AdvantageScale = Literal["group", "batch", "none"]
-_SCALES = ("group", "batch", "none")
 
 
 def _grouped(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
@@ -67,8 +68,8 @@ def group_advantages(
         * A group whose rewards are all equal has std 0 and therefore advantage exactly 0.
         * An empty reward vector gives an empty result.
     """
-    if scale not in _SCALES:
-        raise ValueError(f"scale must be one of {_SCALES}, got {scale!r}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS}, got {scale!r}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     grouped = _grouped(rewards, num_generations)  # [B, G]

@@ -19,12 +19,11 @@ gathering the full weights is a collective; only the main process writes files.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 
-from echoink.atomic_io import write_json_atomic
+from echoink.io import replace_directory, write_json_atomic
 from echoink.grpo.distributed import full_state_dict
 from echoink.model.processor import save_processor
 
@@ -72,9 +71,7 @@ def save_checkpoint(accelerator, save_model, output_dir: str | Path, step: int, 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json_atomic(tmp / STATE_FILE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)
         if save_total_limit:
             for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -112,7 +109,7 @@ def save_model_files(accelerator, policy, processor, directory: str | Path, peft
             _save_thinker_weights(accelerator.unwrap_model(policy).thinker, state, tmp)
         save_processor(processor, tmp)
         if atomic:
-            _replace_dir(tmp, target)
+            replace_directory(tmp, target)
     accelerator.wait_for_everyone()
     return target
 
@@ -130,15 +127,3 @@ def _save_thinker_weights(thinker, state: dict, directory: Path) -> None:
         thinker.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     finally:
         thinker._weight_conversions = recorded
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Move `source` to `target`, replacing an existing `target` (an old copy is removed afterwards)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(source, target)

@@ -42,10 +42,12 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
+from echoink.choices import GROUP_SHARING
 from echoink.grpo.types import Group
 from echoink.model.prompt_embedding import (
     completion_positions,
@@ -55,7 +57,6 @@ from echoink.model.prompt_embedding import (
     require_full_attention,
 )
 
-SHARING = ("none", "encoders", "full")
 COMPLETION_TOKENS_PER_CHUNK = 1024  # prompt-K/V path: completion tokens per language-model call
 PREFIX_PATHS = ("auto", "kv", "packed")
 
@@ -66,8 +67,8 @@ def group_token_logps(model, groups: list[Group], sharing: str = "full", tempera
 
     `prefix` picks how "full" shares the prompt: "kv", "packed", or "auto" (`full_sharing_path`).
     """
-    if sharing not in SHARING:
-        raise ValueError(f"sharing must be one of {SHARING}, got {sharing!r}")
+    if sharing not in GROUP_SHARING:
+        raise ValueError(f"sharing must be one of {GROUP_SHARING}, got {sharing!r}")
     if prefix not in PREFIX_PATHS:
         raise ValueError(f"prefix must be one of {PREFIX_PATHS}, got {prefix!r}")
     if sharing == "full":
@@ -305,3 +306,18 @@ def _attention_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.T
         return allowed[None, None]
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class Policy(nn.Module):
+    """The module accelerate wraps: forward(groups) -> list of [G, C] per-token log-probs (with grad).
+
+    Its forward is a real module call, so DDP's gradient hooks and ZeRO-3's parameter gathering see
+    the policy pass; rollouts and the no-grad passes use the unwrapped thinker directly.
+    """
+
+    def __init__(self, thinker: nn.Module) -> None:
+        super().__init__()
+        self.thinker = thinker
+
+    def forward(self, groups, sharing: str = "full", temperature: float = 1.0) -> list[torch.Tensor]:
+        return group_token_logps(self.thinker, groups, sharing=sharing, temperature=temperature)

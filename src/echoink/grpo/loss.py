@@ -48,10 +48,10 @@ from typing import Literal, Optional, Union
 
 import torch
 
+from echoink.choices import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
-LOSS_TYPES: tuple[str, ...] = ("grpo", "bnpo", "dr_grpo", "dapo")
-IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = ("token", "sequence")
 
 
 def _check_inputs(

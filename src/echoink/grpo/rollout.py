@@ -11,7 +11,7 @@ Two exact paths, chosen by `share_prefill`:
   draws from the same RNG in the same shapes as `generate`, so under one seed both paths give the
   same tokens (a test checks this).
 
-`SamplingConfig.min_new_tokens` suppresses EOS before that many tokens, in both paths (the
+`SamplingSettings.min_new_tokens` suppresses EOS before that many tokens, in both paths (the
 benchmark uses it to make every completion exactly C tokens long).
 
 Placeholder and boundary tokens (`<|AUDIO|>`, `<|IMAGE|>`, `<|VIDEO|>`, their bos/eos) are never
@@ -20,10 +20,8 @@ sampled: a sampled placeholder would make the training forward fail.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers import AttentionInterface, GenerationConfig, LogitsProcessorList
+from transformers import AttentionInterface, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import (
     MinNewTokensLengthLogitsProcessor,
@@ -34,8 +32,15 @@ from transformers.generation.logits_process import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from echoink.grpo.types import Group, PromptInputs
-from echoink.model.generation import forget_rope_deltas, own_generation_defaults
+from echoink.grpo.types import Group
+from echoink.model.inputs import PromptInputs
+from echoink.model.generation import (
+    SamplingSettings,
+    completion_mask,
+    forget_rope_deltas,
+    media_token_ids,
+    own_generation_defaults,
+)
 from echoink.model.prompt_embedding import (
     attention_implementation,
     embed_prompt,
@@ -43,40 +48,8 @@ from echoink.model.prompt_embedding import (
     require_full_attention,
 )
 
-MEDIA_TOKEN_ATTRIBUTES = ("audio_token", "image_token", "video_token", "audio_bos_token", "audio_eos_token",
-                          "vision_bos_token", "vision_eos_token")
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    num_generations: int
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    greedy: bool = False
-    min_new_tokens: int = 0  # EOS is suppressed before this many tokens (benchmarks use it to fix C)
-
-
-def media_token_ids(tokenizer) -> list[int]:
-    """Ids of the multimodal placeholder and boundary tokens (never to be sampled)."""
-    ids = {tokenizer.convert_tokens_to_ids(getattr(tokenizer, attr)) for attr in MEDIA_TOKEN_ATTRIBUTES
-           if getattr(tokenizer, attr, None)}
-    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_pad|>",) if t in tokenizer.get_vocab())
-    return sorted(i for i in ids if i is not None and i >= 0)
-
-
-def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[G, C] ids -> ([G, C] mask of tokens up to and including the first EOS, [G] truncated flags)."""
-    is_eos = completion_ids == eos_id
-    has_eos = is_eos.any(dim=1)
-    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
-    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
-    return (positions <= first_eos.unsqueeze(1)).long(), ~has_eos
-
-
 @torch.no_grad()
-def sample_group(model, prompt: PromptInputs, sampling: SamplingConfig, tokenizer,
+def sample_group(model, prompt: PromptInputs, sampling: SamplingSettings, tokenizer,
                  share_prefill: bool = True) -> Group:
     """One prompt -> a Group of `num_generations` sampled completions. `model` must be in eval mode."""
     eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
@@ -91,25 +64,15 @@ def sample_group(model, prompt: PromptInputs, sampling: SamplingConfig, tokenize
     return Group(prompt=prompt, completion_ids=ids, completion_mask=mask, texts=texts, truncated=truncated)
 
 
-def _generation_config(sampling: SamplingConfig, eos_id: int, pad_id: int, suppress: list[int]) -> GenerationConfig:
-    common = dict(max_new_tokens=sampling.max_new_tokens, min_new_tokens=sampling.min_new_tokens or None,
-                  num_return_sequences=sampling.num_generations, eos_token_id=eos_id, pad_token_id=pad_id,
-                  suppress_tokens=suppress, use_cache=True)
-    if sampling.greedy:
-        return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                            top_k=sampling.top_k or 0, **common)
-
-
 def _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress) -> torch.Tensor:
-    config = _generation_config(sampling, eos_id, pad_id, suppress)
+    config = sampling.generation_config(eos_id, pad_id, suppress)
     with own_generation_defaults(model):  # our settings only, never the checkpoint's sampling defaults
         out = model.generate(**prompt.model_kwargs(), generation_config=config)
     forget_rope_deltas(model)
     return out[:, prompt.length:]
 
 
-def logits_processors(sampling: SamplingConfig, suppress: list[int], device, prompt_length: int = 0,
+def logits_processors(sampling: SamplingSettings, suppress: list[int], device, prompt_length: int = 0,
                       eos_id: int | None = None) -> LogitsProcessorList:
     """The processors `generate` applies for these settings, in generate's order."""
     processors = LogitsProcessorList()

@@ -8,14 +8,13 @@ reward is the mean over every rank's groups. Only the main process writes files.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from echoink.atomic_io import write_text_atomic
+from echoink.io import append_jsonl, truncate_jsonl_after
 from echoink.grpo.types import Group
 
 
@@ -67,10 +66,10 @@ class RunLog:
         if not self.main:
             return
         if step % every == 0:
-            _append_jsonl(self.output_dir / "metrics.jsonl", [metrics])
+            append_jsonl(self.output_dir / "metrics.jsonl", [metrics])
             if self.accelerator.trackers:
                 self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-        _append_jsonl(self.output_dir / "completions.jsonl", completions)
+        append_jsonl(self.output_dir / "completions.jsonl", completions)
         if self.progress is not None:
             self.progress.update(self.task, advance=1, reward=f"{metrics.get('reward', float('nan')):.3f}")
 
@@ -107,37 +106,6 @@ class RunLog:
 
             rows = gather_object(rows)
         return rows
-
-
-def truncate_jsonl_after(path: Path, step: int) -> int:
-    """Rewrite `path` (atomically) without the rows whose "step" is greater than `step`, and without a
-    half-written last line; returns the number of rows dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            dropped += 1
-            continue
-        if isinstance(row, dict) and int(row.get("step", 0)) > step:
-            dropped += 1
-        else:
-            kept.append(line + "\n")
-    if dropped:
-        write_text_atomic(path, "".join(kept))
-    return dropped
-
-
-def _append_jsonl(path: Path, rows: list[dict]) -> None:
-    """Append whole lines and fsync: a kill never leaves a half-written line behind a complete one."""
-    if not rows:
-        return
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _flat(values: dict) -> dict:

@@ -18,14 +18,15 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from echoink.atomic_io import write_json_atomic
-from echoink.config import TrainConfig
+from echoink.io import write_json_atomic
+from echoink.config import ConfigError, TrainConfig
 from echoink.data import load_dataset
 from echoink.grpo.advantages import group_advantages, group_reward_stats
 from echoink.grpo.batches import BatchPlan
@@ -44,15 +45,16 @@ from echoink.grpo.distributed import (
     make_accelerator,
     make_reference,
 )
-from echoink.grpo.logprobs import group_token_logps
+from echoink.grpo.logprobs import Policy, group_token_logps
 from echoink.grpo.loss import policy_loss
-from echoink.grpo.rollout import SamplingConfig, sample_group
+from echoink.grpo.rollout import sample_group
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.types import Group
 from echoink.model import load_thinker
+from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions, encode_prompt
-from echoink.model.policy import Policy, apply_freezing, merge_adapter, wrap_lora
+from echoink.model.trainable import apply_freezing, merge_adapter, wrap_lora
 from echoink.prompts import PromptTemplate
 
 
@@ -70,7 +72,7 @@ class StepContext:
     scheduler: object
     processor: object
     rewards: RewardSet
-    sampling: SamplingConfig
+    sampling: SamplingSettings
     media_options: MediaOptions
     template: PromptTemplate
     model_dtype: torch.dtype
@@ -82,15 +84,23 @@ class StepResult:
     groups: list[Group]
 
 
-def train(config: TrainConfig, resume_from: str | None = None, progress: bool = True) -> Path:
-    """Run GRPO as `config` says; returns the directory of the final model."""
+def train(config: TrainConfig, resume_from: str | None = None, progress: bool = True,
+          evaluate: Callable[[torch.nn.Module, object], dict] | None = None) -> Path:
+    """Run GRPO as `config` says; returns the directory of the final model.
+
+    evaluate: the in-training evaluation, called every `eval_steps` on the main process as
+        `evaluate(thinker, processor) -> {"eval/...": value}` (build it with
+        `echoink.eval.training_evaluator(config)`; the CLI and the demo do). Required when eval_steps > 0.
+    """
     # --- 1. validate everything a user gave us before loading the model ---
     if not config.model_path:
         raise ValueError("config: model_path is required")
     if not config.train_data:
         raise ValueError("config: train_data is required")
     records = load_dataset(config.train_data)
-    eval_records = load_dataset(config.eval_data) if config.eval_steps and config.eval_data else None
+    if config.eval_steps and evaluate is None:
+        raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval."
+                          "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
     rewards = RewardSet.from_config(config.reward_funcs, config.reward_weight_list)
     if config.torch_num_threads:
@@ -139,8 +149,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                      seed=config.seed, shuffle=config.shuffle_dataset,
                      answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
     media_options = MediaOptions.from_config(config)
-    sampling = SamplingConfig(config.num_generations, config.max_completion_length, config.temperature,
-                              config.top_p, config.top_k)
+    sampling = SamplingSettings(config.num_generations, config.max_completion_length, config.temperature,
+                                config.top_p, config.top_k)
     model_dtype = torch.bfloat16 if config.bf16 else torch.float32
 
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
@@ -156,9 +166,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         result = grpo_step(context, micro_batches)
         result.metrics["step_seconds"] = time.perf_counter() - t0
         result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        if eval_records and (step + 1) % config.eval_steps == 0:
-            result.metrics.update(_evaluate_during_training(config, thinker, processor, eval_records, media_options,
-                                                            template, accelerator))
+        if evaluate is not None and (step + 1) % config.eval_steps == 0:
+            result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
         log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
         if config.save_steps and (step + 1) % config.save_steps == 0:
             save_checkpoint(accelerator, save_model, output_dir, step + 1, {"step": step + 1, "seed": config.seed,
@@ -323,18 +332,13 @@ def _autocast(accelerator):
     return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
 
 
-def _evaluate_during_training(config, thinker, processor, eval_records, media_options, template, accelerator) -> dict:
-    """Greedy accuracy on the first `eval_limit` items of eval_data (main process), as eval/* metrics."""
-    from echoink.eval.run import evaluate_loaded
-
-    summary = {}
+def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:
+    """Run the caller's evaluation on the main process in eval mode; every rank waits for it."""
+    metrics = {}
     if accelerator.is_main_process:
-        subset = eval_records[: config.eval_limit] if config.eval_limit else eval_records
         was_training = thinker.training
         thinker.eval()
-        summary = evaluate_loaded(thinker, processor, subset, batch_size=config.eval_batch_size,
-                                  max_new_tokens=config.eval_max_new_tokens or config.max_completion_length,
-                                  template=template, media_options=media_options, progress=False)
+        metrics = evaluate(thinker, processor)
         thinker.train(was_training)
     accelerator.wait_for_everyone()
-    return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+    return metrics

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from echoink.grpo.types import MEDIA_KEYS, PromptInputs
+from echoink.model.inputs import MEDIA_KEYS, PromptInputs
 
 #: Floating media tensors that take the model's dtype (the rest stay as the processor made them).
 FLOAT_MEDIA_KEYS = ("input_features", "pixel_values", "pixel_values_videos")

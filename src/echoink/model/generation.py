@@ -1,4 +1,8 @@
-"""Guards around transformers' `generate` shared by rollouts and evaluation.
+"""Generation pieces shared by rollouts (grpo) and evaluation (eval): one sampling-settings type,
+completion masks, the tokens never to sample, and guards around transformers' `generate`.
+
+* `SamplingSettings`: how completions are drawn, for training rollouts and evaluation alike.
+* `completion_mask`: tokens up to and including the first EOS; `media_token_ids`: placeholders never sampled.
 
 * `own_generation_defaults`: in transformers 5 every field a GenerationConfig leaves unset is filled
   from the checkpoint's generation_config.json (Qwen ships sampling defaults there). Swapping in an
@@ -9,9 +13,86 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from transformers import GenerationConfig
+
+MEDIA_TOKEN_ATTRIBUTES = ("audio_token", "image_token", "video_token", "audio_bos_token", "audio_eos_token",
+                          "vision_bos_token", "vision_eos_token")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn: `num_generations` per prompt (GRPO's G; evaluation's K samples).
+
+    Greedy decoding ignores temperature / top_p / top_k / seed and gives one completion per prompt.
+    `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix C).
+    `seed` seeds evaluation's sampled batches (training rollouts draw from the run's RNG).
+    """
+
+    num_generations: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    greedy: bool = False
+    min_new_tokens: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_generations < 1:
+            raise ValueError(f"samples must be >= 1, got {self.num_generations}")
+        if self.greedy and self.num_generations != 1:
+            raise ValueError(f"greedy decoding gives one answer per problem; samples={self.num_generations} needs "
+                             "sampling (greedy=False)")
+        if not self.greedy:
+            if not (self.temperature > 0 and math.isfinite(self.temperature)):
+                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+            if not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k is not None and self.top_k < 0:
+                raise ValueError(f"top_k must be >= 0 or None, got {self.top_k}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings that shape the output (greedy: only max_new_tokens matters besides the mode)."""
+        if self.greedy:
+            return {"greedy": True, "samples": 1, "max_new_tokens": self.max_new_tokens}
+        return {"greedy": False, "samples": self.num_generations, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed, "max_new_tokens": self.max_new_tokens}
+
+    def generation_config(self, eos_id: int, pad_id: int, suppress: list[int]) -> GenerationConfig:
+        """An explicit GenerationConfig: every logits-shaping knob set here, none from the checkpoint."""
+        common = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=self.min_new_tokens or None, num_beams=1,
+                      num_return_sequences=self.num_generations, eos_token_id=eos_id, pad_token_id=pad_id,
+                      suppress_tokens=suppress, repetition_penalty=1.0, no_repeat_ngram_size=0, use_cache=True)
+        if self.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k or 0, **common)
+
+
+def media_token_ids(tokenizer) -> list[int]:
+    """Ids of the multimodal placeholder and boundary tokens (never to be sampled)."""
+    ids = {tokenizer.convert_tokens_to_ids(getattr(tokenizer, attr)) for attr in MEDIA_TOKEN_ATTRIBUTES
+           if getattr(tokenizer, attr, None)}
+    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_pad|>",) if t in tokenizer.get_vocab())
+    return sorted(i for i in ids if i is not None and i >= 0)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[G, C] ids -> ([G, C] mask of tokens up to and including the first EOS, [G] truncated flags)."""
+    is_eos = completion_ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1),
+                            torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
+    return (positions <= first_eos.unsqueeze(1)).long(), ~has_eos
 
 
 def generation_owner(model):

@@ -11,7 +11,8 @@ of the same length, "blank-image" a mid-grey image (and mid-grey video frames) o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,55 @@ from PIL import Image
 
 from echoink.data.media import LoadedVideo, load_record_media
 from echoink.data.records import Record
-from echoink.grpo.types import MEDIA_KEYS, PromptInputs
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate, build_messages
+
+# Processor outputs that belong to the media of one prompt (everything but the token ids).
+MEDIA_KEYS = (
+    "input_features",          # [1, 128, 3000]    log-mel features of the prompt's audio (padded to 30 s)
+    "feature_attention_mask",  # [1, 3000]         which feature frames are real audio
+    "pixel_values",            # [N_patches, 1176] the image's flattened 14x14x2 patches
+    "image_grid_thw",          # [1, 3]            (1, H/14, W/14)
+    "pixel_values_videos",     # [N_patches, 1176]
+    "video_grid_thw",          # [1, 3]            (F/2, H/14, W/14)
+    "video_second_per_grid",   # [1]               seconds per temporal patch
+)
+
+
+@dataclass
+class PromptInputs:
+    """The processor's output for ONE prompt.
+
+    input_ids: [1, P] token ids, multimodal placeholders expanded (one `<|AUDIO|>` per audio token ...)
+    media:     the `MEDIA_KEYS` present for this prompt (tensors, stored once)
+    use_audio_in_video: the video's own audio track is interleaved with its frames
+    """
+
+    input_ids: torch.Tensor
+    media: dict[str, torch.Tensor] = field(default_factory=dict)
+    use_audio_in_video: bool = False
+    problem_id: Any = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for one forward/generate call of the thinker on this prompt alone."""
+        kwargs: dict[str, Any] = {"input_ids": self.input_ids, "attention_mask": torch.ones_like(self.input_ids)}
+        kwargs.update(self.media)
+        if self.use_audio_in_video:
+            kwargs["use_audio_in_video"] = True
+        return kwargs
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PromptInputs":
+        """Move to `device`; floating media tensors (features, pixels) are cast to `dtype` when given."""
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device)
+
+        return replace(self, input_ids=self.input_ids.to(device), media={k: move(v) for k, v in self.media.items()})
+
 
 ABLATIONS = ("none", "mute-audio", "blank-image", "no-media")
 MID_GREY = 128

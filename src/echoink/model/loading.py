@@ -14,9 +14,6 @@ Two directory layouts are accepted:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+from echoink.io import building_directory
 from echoink.model.processor import OmniProcessor, load_processor, save_processor
 
 FULL_MODEL_TYPE = "qwen2_5_omni"
@@ -132,20 +130,7 @@ def save_thinker(model, processor, out_dir: str | Path) -> Path:
     Written into a temporary sibling directory and renamed, so a crash never leaves a half-written
     model at `out_dir`; an existing `out_dir` is replaced.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with building_directory(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         save_processor(processor, tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from echoink.grpo.types import PromptInputs
+from echoink.model.inputs import PromptInputs
 
 
 def embed_prompt(model, prompt: PromptInputs) -> torch.Tensor:

@@ -1,16 +1,8 @@
-"""The trainable policy: freezing switches, LoRA, and the module accelerate wraps.
-
-`Policy` is an `nn.Module` whose forward computes per-token log-probs of a list of groups, so that
-DDP / FSDP / DeepSpeed see a real forward call on the wrapped module (DDP's gradient hooks and
-ZeRO-3's parameter gathering need it), while rollouts use the unwrapped thinker directly.
-"""
+"""What trains: freezing switches for the encoders, LoRA adapters (wrap and merge)."""
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-
-from echoink.grpo.logprobs import group_token_logps
 
 # The language model's linear layers (the default LoRA targets).
 LANGUAGE_MODEL_LINEARS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -18,17 +10,6 @@ ENCODER_LINEARS = {
     "vision": r"|.*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
     "audio": r"|.*audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
 }
-
-
-class Policy(nn.Module):
-    """forward(groups) -> list of [G, C] per-token log-probs (with grad)."""
-
-    def __init__(self, thinker: nn.Module) -> None:
-        super().__init__()
-        self.thinker = thinker
-
-    def forward(self, groups, sharing: str = "full", temperature: float = 1.0) -> list[torch.Tensor]:
-        return group_token_logps(self.thinker, groups, sharing=sharing, temperature=temperature)
 
 
 def apply_freezing(thinker: nn.Module, freeze_vision: bool, freeze_audio: bool) -> None:

@@ -1,7 +1,7 @@
 """The embedded default, end to end on 2 CPU cores (`make demo`, `echoink demo`).
 
     synthetic audio-visual set  ->  tiny random Qwen2.5-Omni  ->  format warm-up (random letters)
-      ->  greedy validation accuracy  ->  GRPO (configs/demo_cpu.yaml)  ->  greedy validation accuracy
+      ->  greedy validation accuracy  ->  GRPO (demo_cpu.yaml, shipped in this package)  ->  greedy validation accuracy
       ->  training-curve PNG, before/after table, summary.json
 
 What it shows and what it cannot: the pipeline — data, prompts, rollouts, rewards, advantages, loss,
@@ -23,14 +23,14 @@ from rich.table import Table
 
 from echoink.config import load_config
 from echoink.data import load_dataset
-from echoink.atomic_io import write_json_atomic
+from echoink.io import write_json_atomic
 from echoink.data.synth import write_synthetic_dataset
 from echoink.model import load_thinker, save_thinker
 from echoink.model.inputs import MediaOptions
 from echoink.model.tiny import write_tiny_checkpoint
 from echoink.prompts import PromptTemplate
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo_cpu.yaml"  # package data: works from a wheel
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
 WARMUP_STEPS = 100
 
@@ -40,7 +40,7 @@ def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, s
 
     Paths come from the demo config (model_path = the warmed model, train_data / eval_data).
     """
-    from echoink.format_warmup import format_warmup
+    from echoink.demo.format_warmup import format_warmup
 
     console = console or Console()
     train_json, valid_json, warm_dir = Path(config.train_data), Path(config.eval_data), Path(config.model_path)
@@ -78,6 +78,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
              console: Console | None = None) -> dict:
     """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json)."""
     from echoink.analysis.curves import plot_training_curves
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
     console = console or Console()
@@ -99,7 +100,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     console.print(f"[bold]5. GRPO[/bold]: {config.max_steps} steps, {config.per_device_train_batch_size} prompts x "
                   f"{config.num_generations} completions per step, lr {config.learning_rate}")
     t = time.perf_counter()
-    final_dir = train(config, progress=True)
+    final_dir = train(config, progress=True, evaluate=training_evaluator(config))
     train_seconds = time.perf_counter() - t
 
     console.print("[bold]6. greedy validation accuracy after GRPO[/bold]")

@@ -18,7 +18,7 @@ import time
 import torch
 
 from echoink.grpo.logprobs import group_token_logps
-from echoink.grpo.rollout import completion_mask
+from echoink.model.generation import completion_mask
 from echoink.grpo.types import Group
 from echoink.model.inputs import MediaOptions, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate

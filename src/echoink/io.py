@@ -1,0 +1,220 @@
+"""File durability, in one place: every file echoink writes or appends goes through here.
+
+* whole files: written to a temporary file in the target's directory, fsynced, then ``os.replace``d
+  (``write_bytes_atomic``, ``write_text_atomic``, ``write_json_atomic``, ``save_figure_atomic``);
+* whole directories: built under a temporary sibling, then swapped into place (``building_directory``,
+  ``replace_directory``): a reader never sees a half-written model or checkpoint;
+* JSON Lines logs: whole lines appended and fsynced (``append_jsonl``), so a kill can only cut the last
+  line; readers either name ``file:line`` of a damaged line (``iter_jsonl``) or drop a cut last line
+  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``).
+"""
+
+from __future__ import annotations
+
+import io as _stdio
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+__all__ = [
+    "JsonlError", "append_jsonl", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
+    "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
+    "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
+]
+
+
+# ---- whole files ---------------------------------------------------------------------------------
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent directories are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as temp:
+            temp.write(data)
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.chmod(temp_name, 0o644)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | Path, value: Any, *, indent: int | None = 2) -> Path:
+    """Write ``value`` as JSON (UTF-8, non-ASCII kept, trailing newline) to ``path`` atomically."""
+    return write_text_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def save_figure_atomic(figure, path: str | Path, dpi: int = 110) -> Path:
+    """Render a matplotlib ``Figure`` to PNG in memory, then write it to ``path`` atomically."""
+    buffer = _stdio.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+# ---- whole directories ---------------------------------------------------------------------------
+
+def replace_directory(source: str | Path, target: str | Path) -> Path:
+    """Move the complete directory ``source`` to ``target``, replacing an existing ``target``.
+
+    The old ``target`` is first renamed aside and removed only after the new one is in place, so at
+    every moment ``target`` is either the old complete directory or the new complete one.
+    """
+    source, target = Path(source), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(source, target)
+    return target
+
+
+@contextmanager
+def building_directory(target: str | Path) -> Iterator[Path]:
+    """``with building_directory(out) as tmp:`` write files into ``tmp``; on success ``tmp`` replaces
+    ``out`` (see ``replace_directory``); on any error ``tmp`` is removed and ``out`` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        replace_directory(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- JSON Lines ----------------------------------------------------------------------------------
+
+class JsonlError(ValueError):
+    """A JSON Lines file could not be read; the message names ``file:line``."""
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict], handle=None) -> None:
+    """Append whole lines and fsync: a kill never leaves a half-written line behind a complete one.
+
+    ``handle``: an already open append handle for ``path`` (a long run keeps one open); else the file
+    is opened for this call.
+    """
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if not text:
+        return
+    if handle is None:
+        with open(path, "a", encoding="utf-8") as own:
+            own.write(text)
+            own.flush()
+            os.fsync(own.fileno())
+        return
+    handle.write(text)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise JsonlError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise JsonlError(f"{path}:{line_number}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        raise JsonlError(f"{path}: not UTF-8 text (byte {error.start}); is this the right file?") from None
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_number, object)`` for every non-blank line of ``path`` (1-based line numbers).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a directory).
+        JsonlError: the file is not UTF-8, or a line is not a JSON object; the message is
+            ``"<path>:<line>: <reason>"``.
+    """
+    path = Path(path)
+    for line_number, line in enumerate(_read_lines(path), start=1):
+        if line.strip():
+            yield line_number, _decode_line(path, line_number, line)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every non-blank line of ``path`` as a JSON object, in file order (errors as :func:`iter_jsonl`)."""
+    return [value for _, value in iter_jsonl(path)]
+
+
+def read_jsonl_tolerant(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
+    """Like :func:`read_jsonl`, but a damaged LAST line (a write cut by a kill) is dropped, not an error.
+
+    Returns ``(rows, note)``: ``note`` says which line was ignored, or is None. A damaged line before the
+    last one is still a ``JsonlError``: that is corruption, not a cut write.
+    """
+    path = Path(path)
+    lines = _read_lines(path)
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows, note = [], None
+    for index, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(_decode_line(path, index + 1, line))
+        except JsonlError as error:
+            if index != last:
+                raise
+            note = f"{error}: ignored (a write cut short)"
+    return rows, note
+
+
+def truncate_jsonl_after(path: str | Path, step: int) -> int:
+    """Rewrite ``path`` (atomically) without the rows whose "step" is greater than ``step``, and without a
+    half-written last line; returns the number of rows dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+    return dropped
+
+
+def repair_cut_last_line(path: str | Path) -> bytes:
+    """Truncate bytes after the last newline of ``path`` (a write cut by a kill); return the kept bytes."""
+    path = Path(path)
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with path.open("r+b") as handle:
+            handle.truncate(end)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return data[:end]
