@@ -28,7 +28,7 @@ from transformers import get_scheduler
 from echoink.io import write_json_atomic
 from echoink.config import ConfigError, TrainConfig
 from echoink.data import load_dataset
-from echoink.grpo.advantages import group_advantages, group_reward_stats
+from echoink.grpo.advantages import group_advantages
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import (
     latest_checkpoint,
@@ -49,6 +49,7 @@ from echoink.grpo.logprobs import Policy, group_token_logps
 from echoink.grpo.loss import policy_loss
 from echoink.grpo.rollout import sample_group
 from echoink.grpo.run_log import RunLog
+from echoink.grpo.step_metrics import step_metrics
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.types import Group
 from echoink.model import load_thinker
@@ -290,36 +291,11 @@ def grpo_step(context: StepContext, micro_batches: list[list]) -> StepResult:
         optimizer.zero_grad(set_to_none=True)
     timings["backward_seconds"] = time.perf_counter() - t
 
-    metrics = _step_metrics(all_groups, rewards, loss_stats, grad_norm, skipped, config.num_generations)
+    metrics = step_metrics(all_groups, rewards, loss_stats, grad_norm, skipped, config.num_generations)
     metrics.update(timings)
     total_seconds = sum(timings.values())
     metrics["tokens_per_second"] = tokens_in_step / total_seconds if total_seconds > 0 else 0.0
     return StepResult(metrics=metrics, groups=all_groups)
-
-
-def _step_metrics(groups: list[Group], rewards: RewardSet, loss_stats: list[dict], grad_norm, skipped: int,
-                  num_generations: int) -> dict:
-    """EchoInk-R1's logged keys (+ ours), local to this rank; RunLog averages them over ranks."""
-    metrics: dict = {"skipped_prompts": float(skipped), "num_groups": float(len(groups))}
-    if groups:
-        table = torch.cat([g.rewards for g in groups])                                      # [B*G, R]
-        totals = table @ rewards.weights                                                    # [B*G]
-        metrics["reward"] = totals.mean().item()
-        for j, name in enumerate(rewards.names):
-            metrics[f"rewards/{name}"] = table[:, j].mean().item()
-        metrics.update(group_reward_stats(totals, num_generations))
-        if "accuracy" in rewards.names:
-            accuracy = table[:, rewards.names.index("accuracy")].view(-1, num_generations)     # [B, G]
-            metrics["all_correct"] = (accuracy == 1).all(dim=1).float().mean().item()
-            metrics["all_wrong"] = (accuracy == 0).all(dim=1).float().mean().item()
-        lengths = torch.cat([g.completion_lengths for g in groups]).float()
-        metrics["completion_length"] = lengths.mean().item()
-        metrics["truncated_ratio"] = torch.cat([g.truncated for g in groups]).float().mean().item()
-    if loss_stats:
-        for key in loss_stats[0]:
-            metrics[key] = sum(s[key] for s in loss_stats) / len(loss_stats)
-    metrics["grad_norm"] = float(grad_norm)
-    return metrics
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
