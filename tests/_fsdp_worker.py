@@ -51,7 +51,6 @@ def main(model_dir: str, data_file: str, out_dir: str) -> None:
     with gathered_for_generation(accelerator, policy):
         full_numel = sum(p.numel() for p in inner.parameters())
         group = sample_group(inner, encode_prompt(record, processor), SamplingSettings(3, 6), processor.tokenizer)
-    group.record = record
     inner.train()
     logps = policy([group])[0]
     (logps * group.completion_mask).sum().backward()

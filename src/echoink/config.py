@@ -73,6 +73,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 5.0
+    max_consecutive_nonfinite_steps: int = 3  # updates with a non-finite loss/gradient are skipped; stop after N in a row
     per_device_train_batch_size: int = 1  # PROMPTS per device (TRL: completions) - see module docstring
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1.0
@@ -146,6 +147,8 @@ class TrainConfig:
               f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         check(self.max_steps > 0 or self.num_train_epochs > 0, "set max_steps > 0 or num_train_epochs > 0")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        check(self.max_consecutive_nonfinite_steps >= 0,
+              f"max_consecutive_nonfinite_steps must be >= 0 (0: never stop), got {self.max_consecutive_nonfinite_steps}")
         check(self.max_audio_seconds > 0, f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         check(0 < self.min_pixels <= self.max_pixels,
               f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")

@@ -48,6 +48,8 @@ def group_advantages(
     num_generations: int,
     scale: AdvantageScale = "group",
     eps: float = 1e-4,
+    *,
+    batch_std: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Group-relative advantages of a flat reward vector.
 
@@ -57,6 +59,8 @@ def group_advantages(
         scale: ``"group"`` divides by the group's std, ``"batch"`` by the std of all ``B*G`` rewards,
             ``"none"`` only subtracts the group mean.
         eps: added to the std before dividing (ignored for ``"none"``).
+        batch_std: with ``scale="batch"``, the std to divide by instead of this tensor's own — the
+            trainer passes the std over the whole step's rewards on all processes (TRL's definition).
 
     Returns:
         ``[B*G]`` advantages, same order as ``rewards``, floating point, no gradient history of its own
@@ -65,7 +69,8 @@ def group_advantages(
     Edge cases:
         * ``G == 1``: a lone completion has nothing to be compared with (its std is undefined), so its
           advantage is defined as 0 for every ``scale``.
-        * A group whose rewards are all equal has std 0 and therefore advantage exactly 0.
+        * A group whose rewards are all equal (max == min) gets advantages of exactly 0, for every
+          ``scale`` (float rounding of the mean would otherwise leave values like 6e-4).
         * An empty reward vector gives an empty result.
     """
     if scale not in SCALE_REWARDS:
@@ -80,8 +85,10 @@ def group_advantages(
     if scale == "group":
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centred = centred / (grouped.std() + eps)  # grouped.numel() >= 2 here, so the std is finite
-    return centred.reshape(-1)
+        std = grouped.std() if batch_std is None else torch.as_tensor(batch_std, dtype=grouped.dtype)
+        centred = centred / (std + eps)  # grouped.numel() >= 2 here, so the std is finite
+    all_equal = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)  # [B, 1]
+    return torch.where(all_equal, torch.zeros_like(centred), centred).reshape(-1)
 
 
 def group_reward_stats(rewards: torch.Tensor, num_generations: int) -> dict[str, float]:
@@ -93,8 +100,8 @@ def group_reward_stats(rewards: torch.Tensor, num_generations: int) -> dict[str,
 
     Returns:
         ``reward_std``: mean over the ``B`` groups of the within-group (unbiased) std;
-        ``frac_reward_zero_std``: fraction of groups whose rewards are all equal (these contribute no
-        policy gradient, only KL). With ``G == 1`` every group counts as zero-std (std defined as 0).
+        ``frac_reward_zero_std``: fraction of groups whose rewards are all equal, max == min (these
+        contribute no policy gradient, only KL). With ``G == 1`` every group counts as zero-std.
         Both are ``nan`` for an empty batch.
     """
     grouped = _grouped(rewards, num_generations)
@@ -104,5 +111,5 @@ def group_reward_stats(rewards: torch.Tensor, num_generations: int) -> dict[str,
         std = torch.zeros(grouped.shape[0], dtype=grouped.dtype)
     else:
         std = grouped.detach().std(dim=1)  # [B]
-    zero = torch.isclose(std, torch.zeros_like(std))
+    zero = grouped.amax(dim=1) == grouped.amin(dim=1)  # [B] all rewards equal: no policy gradient
     return {"reward_std": std.mean().item(), "frac_reward_zero_std": zero.float().mean().item()}

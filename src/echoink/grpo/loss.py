@@ -44,6 +44,7 @@ policy gradient ``-A * grad logps``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
 import torch
@@ -68,6 +69,24 @@ def _check_inputs(
             raise ValueError(f"{name} must have the shape of logps {tuple(logps.shape)}, got {tuple(tensor.shape)}")
     if advantages.shape != (logps.shape[0],):
         raise ValueError(f"advantages must be [N] = [{logps.shape[0]}], got shape {tuple(advantages.shape)}")
+
+
+def _check_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, beta, max_completion_length) -> float:
+    """Validate the loss settings; returns epsilon_high (defaulting to epsilon)."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
+        )
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    if epsilon < 0 or epsilon_high < 0:
+        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError(f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}")
+    return epsilon_high
 
 
 def _logged_mean(values: torch.Tensor, mask: torch.Tensor, per_sequence: bool) -> torch.Tensor:
@@ -120,23 +139,43 @@ def policy_loss(
         ``clip_ratio/region_mean`` (either), ``ratio_mean`` (mean ``coef_1``). Token level: means over
         masked tokens; sequence level: means over sequences (TRL's convention).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
-        )
-    epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    if epsilon < 0 or epsilon_high < 0:
-        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    epsilon_high = _check_settings(loss_type, importance_sampling_level, epsilon, epsilon_high, beta,
+                                   max_completion_length)
     if beta != 0.0 and ref_logps is None:
         raise ValueError(f"beta={beta} needs ref_logps (the reference model's log-probs); pass them or set beta=0")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
-        raise ValueError(f"loss_type='dr_grpo' needs max_completion_length >= 1, got {max_completion_length!r}")
     _check_inputs(logps, old_logps, ref_logps, advantages, mask)
 
+    terms = _per_token_terms(logps, old_logps, ref_logps, advantages, mask, epsilon=epsilon,
+                             epsilon_high=epsilon_high, beta=beta,
+                             importance_sampling_level=importance_sampling_level,
+                             use_bias_correction_kl=use_bias_correction_kl)
+    mask = terms.mask
+    masked_loss = terms.per_token_loss * mask  # [N, T]
+    if loss_type == "grpo":
+        loss = (masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = masked_loss.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)
+    else:  # dapo
+        if num_items_in_batch is None:
+            normaliser = mask.sum().clamp(min=1.0)
+        else:
+            normaliser = torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1.0)
+        loss = masked_loss.sum() / normaliser
+    return loss, terms.stats
+
+
+@dataclass(frozen=True)
+class _Terms:
+    per_token_loss: torch.Tensor  # [N, T] clipped surrogate (+ beta * KL), not yet masked
+    mask: torch.Tensor            # [N, T] float mask in logps' dtype
+    stats: dict                   # detached 0-dim tensors (see policy_loss)
+
+
+def _per_token_terms(logps, old_logps, ref_logps, advantages, mask, *, epsilon, epsilon_high, beta,
+                     importance_sampling_level, use_bias_correction_kl) -> _Terms:
+    """The per-token loss ``L[i, t]`` of the module docstring and the logged statistics."""
     # Padding may hold anything (even -inf/nan); zero it in every input so it cannot reach the loss or, via
     # 0 * inf in a backward pass, the gradient.
     is_token = mask != 0  # [N, T] bool
@@ -164,20 +203,6 @@ def policy_loss(
         per_token_loss = per_token_loss + beta * per_token_kl
     per_token_loss = per_token_loss.expand_as(mask)  # [N, T]
 
-    masked_loss = per_token_loss * mask
-    if loss_type == "grpo":
-        loss = (masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = masked_loss.sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)
-    else:  # dapo
-        if num_items_in_batch is None:
-            normaliser = mask.sum().clamp(min=1.0)
-        else:
-            normaliser = torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1.0)
-        loss = masked_loss.sum() / normaliser
-
     with torch.no_grad():
         is_low_clipped = ((coef_1 < 1.0 - epsilon) & (adv < 0)).to(logps.dtype)
         is_high_clipped = ((coef_1 > 1.0 + epsilon_high) & (adv > 0)).to(logps.dtype)
@@ -191,4 +216,89 @@ def policy_loss(
             "clip_ratio/region_mean": _logged_mean(is_region_clipped, mask, per_sequence),
             "ratio_mean": _logged_mean(coef_1, mask, per_sequence),
         }
-    return loss, {name: value.detach() for name, value in stats.items()}
+    return _Terms(per_token_loss, mask, {name: value.detach() for name, value in stats.items()})
+
+
+# ---- the loss a training step uses: configured once, normalised by the step's global counts -------------
+
+@dataclass(frozen=True)
+class StepCounts:
+    """The denominators of one optimizer step, over ALL processes and micro-batches.
+
+    sequences: completions in the step (groups skipped from the update, e.g. zero-advantage ones, included)
+    tokens:    their masked completion tokens (truncated completions excluded when they are masked)
+    world_size: number of processes (DDP / ZeRO / FSDP average gradients over them)
+    micro_batches: gradient-accumulation micro-batches per process (bnpo's divisor)
+    """
+
+    sequences: int
+    tokens: int
+    world_size: int = 1
+    micro_batches: int = 1
+
+
+@dataclass(frozen=True)
+class GRPOLoss:
+    """The policy loss of a run, configured once (``GRPOLoss.from_config``), called per micro-batch.
+
+    ``loss(logps, old_logps, ref_logps, advantages, mask, counts)`` returns exactly the value to
+    back-propagate, so that summing gradients over micro-batches and averaging them over processes (what
+    accumulation and DDP / ZeRO / FSDP do) gives the step's true mean. With ``S`` = this micro-batch's sum,
+    ``W`` = ``counts.world_size``::
+
+        grpo    : W * sum_i [ sum_t L m / max(1, sum_t m) ] / counts.sequences      (mean over the step's sequences)
+        dr_grpo : W * sum L m / (counts.sequences * max_completion_length)
+        dapo    : W * sum L m / counts.tokens                                      (mean over the step's tokens)
+        bnpo    : [ sum L m / max(1, sum m) ] / counts.micro_batches               (TRL's definition: each
+                  micro-batch's own token mean, averaged over micro-batches and, by DDP, over processes)
+
+    Without accumulation on one process these equal ``policy_loss``'s values for the whole batch.
+    """
+
+    loss_type: str = "grpo"
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    beta: float = 0.0
+    importance_sampling_level: str = "token"
+    max_completion_length: Optional[int] = None
+    use_bias_correction_kl: bool = False
+
+    def __post_init__(self) -> None:
+        high = _check_settings(self.loss_type, self.importance_sampling_level, self.epsilon, self.epsilon_high,
+                               self.beta, self.max_completion_length)
+        object.__setattr__(self, "epsilon_high", high)
+
+    @classmethod
+    def from_config(cls, config) -> "GRPOLoss":
+        return cls(loss_type=config.loss_type, epsilon=config.epsilon, epsilon_high=config.epsilon_high,
+                   beta=config.beta, importance_sampling_level=config.importance_sampling_level,
+                   max_completion_length=config.max_completion_length,
+                   use_bias_correction_kl=config.use_bias_correction_kl)
+
+    def __call__(self, logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
+                 advantages: torch.Tensor, mask: torch.Tensor, counts: StepCounts
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """logps, old_logps, ref_logps, mask: [N, T]; advantages: [N] -> (loss to back-propagate, stats)."""
+        if self.beta != 0.0 and ref_logps is None:
+            raise ValueError(f"beta={self.beta} needs ref_logps (the reference model's log-probs)")
+        _check_inputs(logps, old_logps, ref_logps, advantages, mask)
+        terms = _per_token_terms(logps, old_logps, ref_logps, advantages, mask, epsilon=self.epsilon,
+                                 epsilon_high=self.epsilon_high, beta=self.beta,
+                                 importance_sampling_level=self.importance_sampling_level,
+                                 use_bias_correction_kl=self.use_bias_correction_kl)
+        m = terms.mask
+        masked_loss = terms.per_token_loss * m  # [N, T]
+        if self.loss_type == "bnpo":
+            loss = masked_loss.sum() / m.sum().clamp(min=1.0) / max(1, counts.micro_batches)
+        else:
+            if self.loss_type == "grpo":
+                total = (masked_loss.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum()
+                denominator = counts.sequences
+            elif self.loss_type == "dr_grpo":
+                total = masked_loss.sum()
+                denominator = counts.sequences * self.max_completion_length
+            else:  # dapo
+                total = masked_loss.sum()
+                denominator = counts.tokens
+            loss = total * (counts.world_size / max(1, denominator))
+        return loss, terms.stats

@@ -27,7 +27,7 @@ class RewardSet:
         return [name.rsplit(":", 1)[-1] for name, _ in self.funcs]
 
 
-def score_group(rewards: RewardSet, group: Group) -> torch.Tensor:
-    """-> [G, R] rewards of the group's completions (one column per reward function)."""
-    table = compute_rewards(rewards.funcs, group.texts, reward_columns([group.record] * group.size))
+def score_group(rewards: RewardSet, group: Group, record) -> torch.Tensor:
+    """-> [G, R] rewards of the group's completions of `record` (one column per reward function)."""
+    table = compute_rewards(rewards.funcs, group.texts, reward_columns([record] * group.size))
     return torch.from_numpy(np.asarray(table, dtype=np.float32))

@@ -7,13 +7,12 @@ import torch
 
 from echoink.grpo.advantages import group_reward_stats
 from echoink.grpo.scoring import RewardSet
-from echoink.grpo.types import Group
+from echoink.grpo.types import ScoredGroup
 
 
-def step_metrics(groups: list[Group], rewards: RewardSet, loss_stats: list[dict], grad_norm, skipped: int,
-                  num_generations: int) -> dict:
+def step_metrics(groups: list[ScoredGroup], rewards: RewardSet, num_generations: int) -> dict:
     """EchoInk-R1's logged keys (+ ours), local to this rank; RunLog averages them over ranks."""
-    metrics: dict = {"skipped_prompts": float(skipped), "num_groups": float(len(groups))}
+    metrics: dict = {"num_groups": float(len(groups))}
     if groups:
         table = torch.cat([g.rewards for g in groups])                                      # [B*G, R]
         totals = table @ rewards.weights                                                    # [B*G]
@@ -28,8 +27,4 @@ def step_metrics(groups: list[Group], rewards: RewardSet, loss_stats: list[dict]
         lengths = torch.cat([g.completion_lengths for g in groups]).float()
         metrics["completion_length"] = lengths.mean().item()
         metrics["truncated_ratio"] = torch.cat([g.truncated for g in groups]).float().mean().item()
-    if loss_stats:
-        for key in loss_stats[0]:
-            metrics[key] = sum(s[key] for s in loss_stats) / len(loss_stats)
-    metrics["grad_norm"] = float(grad_norm)
     return metrics

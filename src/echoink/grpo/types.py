@@ -1,8 +1,14 @@
 """Data types of a GRPO step. The group — one prompt, its media, its G completions — is the unit.
 
-Shapes: P = prompt length, G = completions per prompt, C = longest completion in the group.
-A prompt's multimodal tensors are stored once (`PromptInputs`), never repeated G times; only the
-code that talks to the model (`rollout`, `logprobs`) decides how to expand them.
+Shapes: P = prompt length, G = completions per prompt, C = longest completion in the group, R = reward
+functions, B = groups in a micro-batch. A prompt's multimodal tensors are stored once (`PromptInputs`),
+never repeated G times; only the code that talks to the model (`rollout`, `logprobs`) decides how to
+expand them.
+
+Every type here is immutable: `collect` builds a `CollectedBatch` once per step and `update` only reads it.
+
+    sample_group ──▶ Group ──score, advantages, old/ref log-probs──▶ ScoredGroup
+    list of micro-batches of ScoredGroup + the step's global counts ──▶ CollectedBatch ──▶ update
 """
 
 from __future__ import annotations
@@ -12,19 +18,18 @@ from typing import Any
 
 import torch
 
+from echoink.grpo.loss import StepCounts
 from echoink.model.inputs import PromptInputs
 
-@dataclass
+
+@dataclass(frozen=True)
 class Group:
-    """One prompt and its G sampled completions.
+    """One prompt and its G sampled completions (what a rollout returns).
 
     completion_ids:  [G, C] sampled tokens, right-padded with the pad id
     completion_mask: [G, C] 1 for tokens up to and including the first EOS, 0 after
     texts:           G decoded completions (special tokens removed)
     truncated:       [G] bool, True where no EOS was produced within max_completion_length
-    rewards:         [G, R] one column per reward function (set after scoring)
-    advantages:      [G] group-normalised advantages (set after scoring)
-    old_logps / ref_logps: [G, C] per-token log-probs of the sampling policy / reference (when needed)
     """
 
     prompt: PromptInputs
@@ -32,11 +37,6 @@ class Group:
     completion_mask: torch.Tensor
     texts: list[str]
     truncated: torch.Tensor
-    record: Any = None
-    rewards: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    old_logps: torch.Tensor | None = None
-    ref_logps: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -46,3 +46,74 @@ class Group:
     def completion_lengths(self) -> torch.Tensor:
         """[G] number of completion tokens (including the EOS)."""
         return self.completion_mask.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class ScoredGroup:
+    """A rollout with everything the update needs.
+
+    group:      the rollout (prompt once, completions [G, C])
+    record:     the dataset record it answers
+    rewards:    [G, R] one column per reward function
+    advantages: [G] group-normalised advantages of the weighted total reward
+    old_logps:  [G, C] log-probs of the sampling policy (num_iterations > 1), else None
+    ref_logps:  [G, C] log-probs of the reference (beta > 0), else None
+    trained:    False when the update skips this group (all advantages exactly 0 and skipping is on);
+                its sequences and tokens still count in the loss's normalisers
+    """
+
+    group: Group
+    record: Any
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    old_logps: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    trained: bool = True
+
+    # the rollout's fields, so log-prob code takes a Group or a ScoredGroup alike
+    @property
+    def prompt(self) -> PromptInputs:
+        return self.group.prompt
+
+    @property
+    def completion_ids(self) -> torch.Tensor:
+        return self.group.completion_ids
+
+    @property
+    def completion_mask(self) -> torch.Tensor:
+        return self.group.completion_mask
+
+    @property
+    def texts(self) -> list[str]:
+        return self.group.texts
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        return self.group.truncated
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    @property
+    def completion_lengths(self) -> torch.Tensor:
+        return self.group.completion_lengths
+
+
+@dataclass(frozen=True)
+class CollectedBatch:
+    """One step's collected experience on this process (`collect`'s output, `update`'s input).
+
+    micro_batches: one tuple of ScoredGroup per gradient-accumulation micro-batch (may be empty when every
+                   prompt of it was skipped)
+    counts:        the step's global denominators for the loss (all processes, all micro-batches)
+    stats:         what collecting measured (skipped prompts, sampling rounds, seconds, ...), for the log
+    """
+
+    micro_batches: tuple[tuple[ScoredGroup, ...], ...]
+    counts: StepCounts
+    stats: dict[str, float]
+
+    @property
+    def groups(self) -> list[ScoredGroup]:
+        return [g for batch in self.micro_batches for g in batch]

@@ -1,0 +1,288 @@
+"""One GRPO step in two phases: `collect` experience, then `update` the policy on it.
+
+    collect(context, micro_batches) -> CollectedBatch      (no gradient; immutable result)
+        rollouts     G completions per prompt (eval mode, KV cache, prefill once)        rollout.sample_group
+        rewards      [G, R] per group, weighted totals [B*G]                             scoring.score_group
+        advantages   (r - group mean) / (group std + eps), exactly 0 for all-equal groups advantages.group_advantages
+        counts       the step's sequences and masked tokens over every process            loss.StepCounts
+        old / ref    per-token log-probs [G, C] without grad (num_iterations > 1 / beta > 0)
+
+    update(context, batch) -> metrics                       (num_iterations optimizer updates)
+        per micro-batch: policy log-probs [B*G, C] with grad -> GRPOLoss(..., counts) -> backward
+        then: non-finite check (on every process alike) -> clip -> optimizer and scheduler step
+
+`GRPOLoss` returns exactly the value to back-propagate (normalised by the step's global counts), so
+gradient accumulation and DDP / ZeRO / FSDP averaging give the step's true mean; nothing here scales
+losses by loss type.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+
+import torch
+from accelerate import Accelerator
+
+from echoink.config import TrainConfig
+from echoink.grpo.advantages import group_advantages
+from echoink.grpo.distributed import (
+    accumulation,
+    check_micro_batches,
+    gathered_for_generation,
+    grad_norm_value,
+    is_deepspeed,
+)
+from echoink.grpo.logprobs import group_token_logps
+from echoink.grpo.loss import GRPOLoss, StepCounts
+from echoink.grpo.rollout import sample_group
+from echoink.grpo.scoring import RewardSet, score_group
+from echoink.grpo.step_metrics import step_metrics
+from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
+from echoink.model.generation import SamplingSettings
+from echoink.model.inputs import MediaOptions, encode_prompt
+from echoink.prompts import PromptTemplate
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+@dataclass
+class StepContext:
+    """What every GRPO step works with, built once by `train`."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    policy: torch.nn.Module          # accelerate-wrapped `Policy`: log-probs with grad go through its forward
+    thinker: torch.nn.Module         # the unwrapped (LoRA-injected) thinker: rollouts and no-grad passes
+    reference: torch.nn.Module | None  # frozen copy when beta > 0 without LoRA
+    peft_model: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    processor: object
+    rewards: RewardSet
+    loss: GRPOLoss
+    sampling: SamplingSettings
+    media_options: MediaOptions
+    template: PromptTemplate
+    model_dtype: torch.dtype
+    consecutive_nonfinite: int = 0   # the one piece of state that spans steps
+
+
+@dataclass(frozen=True)
+class StepResult:
+    metrics: dict
+    groups: list[ScoredGroup]
+
+
+def grpo_step(context: StepContext, micro_batches: list[list]) -> StepResult:
+    """One GRPO step on this rank's records (one list of `per_device_train_batch_size` per micro-batch)."""
+    batch = collect(context, micro_batches)
+    update_metrics = update(context, batch)
+    metrics = step_metrics(batch.groups, context.rewards, context.config.num_generations)
+    metrics.update(batch.stats)
+    metrics.update(update_metrics)
+    seconds = batch.stats["rollout_seconds"] + batch.stats["logprob_seconds"] + update_metrics["backward_seconds"]
+    metrics["tokens_per_second"] = batch.counts.tokens / batch.counts.world_size / seconds if seconds > 0 else 0.0
+    return StepResult(metrics=metrics, groups=batch.groups)
+
+
+# ---- collect -------------------------------------------------------------------------------------------
+
+def collect(context: StepContext, micro_batches: list[list]) -> CollectedBatch:
+    """Rollouts, rewards, advantages, the step's global counts, old and reference log-probs (no grad)."""
+    config, accelerator = context.config, context.accelerator
+    t = time.perf_counter()
+    rollouts, skipped = _rollouts(context, micro_batches)            # per micro-batch: [(record, Group)]
+    rollout_seconds = time.perf_counter() - t
+    check_micro_batches(accelerator, [[record for record, _ in batch] for batch in rollouts])
+
+    scored = _score(context, rollouts)                               # per micro-batch: [ScoredGroup]
+    counts = _step_counts(context, scored)
+
+    t = time.perf_counter()
+    scored = _with_old_and_reference_logps(context, scored)
+    stats = {"skipped_prompts": float(skipped), "rollout_seconds": rollout_seconds,
+             "logprob_seconds": time.perf_counter() - t}
+    return CollectedBatch(micro_batches=tuple(tuple(batch) for batch in scored), counts=counts, stats=stats)
+
+
+def _rollouts(context: StepContext, micro_batches: list[list]) -> tuple[list[list[tuple]], int]:
+    """-> per micro-batch a list of (record, Group); prompts over max_prompt_length are skipped and counted."""
+    config, accelerator, thinker, processor = context.config, context.accelerator, context.thinker, context.processor
+    thinker.eval()
+    batches, skipped = [], 0
+    with gathered_for_generation(accelerator, context.policy):
+        for records in micro_batches:
+            pairs = []
+            for record in records:
+                # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
+                prompt = encode_prompt(record, processor, context.media_options, context.template)
+                prompt = prompt.to(accelerator.device, context.model_dtype)
+                if config.max_prompt_length and prompt.length > config.max_prompt_length:
+                    skipped += 1  # never truncate through media placeholders: skip and count
+                    continue
+                with _autocast(accelerator):
+                    group = sample_group(thinker, prompt, context.sampling, processor.tokenizer,
+                                         share_prefill=config.group_sharing == "full")
+                pairs.append((record, group))
+            batches.append(pairs)
+    return batches, skipped
+
+
+def _score(context: StepContext, rollouts: list[list[tuple]]) -> list[list[ScoredGroup]]:
+    """Rewards [G, R] per group -> weighted totals [B*G] -> advantages [B*G] (batch std over all processes)."""
+    config, rewards = context.config, context.rewards
+    pairs = [pair for batch in rollouts for pair in batch]
+    tables = [score_group(rewards, group, record) for record, group in pairs]              # [G, R] each
+    totals = torch.cat([t @ rewards.weights for t in tables]) if tables else torch.zeros(0)  # [B*G]
+    batch_std = _global_std(context.accelerator, totals) if config.scale_rewards == "batch" else None
+    advantages = group_advantages(totals, config.num_generations, scale=config.scale_rewards, batch_std=batch_std)
+    scored = iter([ScoredGroup(group=group, record=record, rewards=table, advantages=adv)
+                   for (record, group), table, adv in zip(pairs, tables,
+                                                          advantages.split(config.num_generations))])
+    return [[next(scored) for _ in batch] for batch in rollouts]
+
+
+def _step_counts(context: StepContext, scored: list[list[ScoredGroup]]) -> StepCounts:
+    """Sequences and masked completion tokens of the step, summed over every process."""
+    groups = [g for batch in scored for g in batch]
+    tokens = sum(float(_loss_mask(context.config, g).sum()) for g in groups)
+    sequences, tokens = _sum_over_processes(context.accelerator, [sum(g.size for g in groups), tokens])
+    return StepCounts(sequences=int(sequences), tokens=int(tokens), world_size=context.accelerator.num_processes,
+                      micro_batches=context.config.gradient_accumulation_steps)
+
+
+def _with_old_and_reference_logps(context: StepContext, scored: list[list[ScoredGroup]]) -> list[list[ScoredGroup]]:
+    """Attach old-policy (num_iterations > 1) and reference (beta > 0) log-probs [G, C], computed without grad."""
+    config, accelerator, thinker = context.config, context.accelerator, context.thinker
+    groups = [g for batch in scored for g in batch]
+    old = ref = [None] * len(groups)
+    with torch.no_grad(), _autocast(accelerator), gathered_for_generation(accelerator, context.policy):
+        if config.num_iterations > 1:
+            old = group_token_logps(thinker, groups, config.group_sharing, config.temperature)
+        if config.beta > 0:
+            peft = context.peft_model
+            with (peft.disable_adapter() if peft is not None else nullcontext()):
+                model = context.reference if context.reference is not None else thinker
+                ref = group_token_logps(model, groups, config.group_sharing, config.temperature)
+    filled = iter([replace(g, old_logps=o, ref_logps=r) for g, o, r in zip(groups, old, ref)])
+    return [[next(filled) for _ in batch] for batch in scored]
+
+
+# ---- update --------------------------------------------------------------------------------------------
+
+def update(context: StepContext, batch: CollectedBatch) -> dict:
+    """num_iterations optimizer updates on the collected completions; returns loss and gradient metrics."""
+    config, accelerator, policy = context.config, context.accelerator, context.policy
+    optimizer, scheduler = context.optimizer, context.scheduler
+    t = time.perf_counter()
+    context.thinker.train()
+    loss_stats: list[dict] = []
+    grad_norm, nonfinite_updates = float("nan"), 0
+    active = [i for i, groups in enumerate(batch.micro_batches) if groups]  # the same on every rank (checked)
+    for _ in range(config.num_iterations):
+        for index in active:
+            # gradients of the micro-batches add up locally; the last one synchronises (and steps DeepSpeed)
+            with accumulation(accelerator, policy, sync=index == active[-1]):
+                loss, stats = _micro_batch_loss(context, batch.micro_batches[index], batch.counts)
+                if is_deepspeed(accelerator) and _any_process(accelerator, not bool(torch.isfinite(loss))):
+                    raise NonFiniteError("non-finite loss under DeepSpeed, whose engine steps inside backward (the "
+                                         "update cannot be skipped there): stopped before it reached the weights; "
+                                         "lower learning_rate, check the rewards and the data")
+                accelerator.backward(loss)
+            loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
+        if not active:
+            continue
+        if _any_process(accelerator, not _gradients_finite(policy)):
+            nonfinite_updates += 1  # skipped alike on every process; the scheduler does not step either
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        if config.max_grad_norm > 0:
+            grad_norm = grad_norm_value(accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    _count_nonfinite(context, nonfinite_updates)
+    metrics = {key: sum(s[key] for s in loss_stats) / len(loss_stats) for key in (loss_stats[0] if loss_stats else {})}
+    metrics.update({"grad_norm": grad_norm, "nonfinite_steps": float(nonfinite_updates > 0),
+                    "backward_seconds": time.perf_counter() - t})
+    return metrics
+
+
+def _micro_batch_loss(context: StepContext, groups: tuple[ScoredGroup, ...], counts: StepCounts):
+    """Policy log-probs [B*G, C] with grad for one micro-batch -> the configured loss (and its stats)."""
+    config, device = context.config, context.accelerator.device
+    with _autocast(context.accelerator):
+        logps = _pad_cat(context.policy(list(groups), sharing=config.group_sharing,
+                                        temperature=config.temperature))          # [B*G, C]
+    mask = _pad_cat([_loss_mask(config, g) for g in groups]).to(logps.dtype)      # [B*G, C]
+    return context.loss(
+        logps,
+        _pad_cat([g.old_logps for g in groups]) if config.num_iterations > 1 else None,
+        _pad_cat([g.ref_logps for g in groups]) if config.beta > 0 else None,
+        torch.cat([g.advantages for g in groups]).to(device),                     # [B*G]
+        mask,
+        counts,
+    )
+
+
+def _loss_mask(config: TrainConfig, group: ScoredGroup | Group) -> torch.Tensor:
+    """[G, C] completion tokens the loss sees: truncated completions are dropped when they are masked."""
+    mask = group.completion_mask
+    if config.mask_truncated_completions:
+        mask = mask * (~group.truncated).to(mask.dtype)[:, None]
+    return mask
+
+
+def _count_nonfinite(context: StepContext, nonfinite_updates: int) -> None:
+    limit = context.config.max_consecutive_nonfinite_steps
+    context.consecutive_nonfinite = context.consecutive_nonfinite + 1 if nonfinite_updates else 0
+    if limit and context.consecutive_nonfinite >= limit:
+        raise NonFiniteError(
+            f"{context.consecutive_nonfinite} consecutive steps had a non-finite loss or gradient (their updates were "
+            "skipped); lower learning_rate or max_grad_norm, check the rewards and the data, or raise "
+            "max_consecutive_nonfinite_steps")
+
+
+# ---- small pieces ------------------------------------------------------------------------------------
+
+def _gradients_finite(policy) -> bool:
+    return all(bool(torch.isfinite(p.grad).all()) for p in policy.parameters() if p.grad is not None)
+
+
+def _any_process(accelerator, flag: bool) -> bool:
+    """True when `flag` holds on any process (an all-reduce, so every process decides alike)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+
+
+def _sum_over_processes(accelerator, values: list[float]) -> list[float]:
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
+def _global_std(accelerator, values: torch.Tensor) -> float:
+    """Unbiased std of `values` [N] pooled over every process (scale_rewards: batch, as TRL)."""
+    v = values.double()
+    n, total, squares = _sum_over_processes(accelerator, [v.numel(), v.sum().item(), (v * v).sum().item()])
+    if n < 2:
+        return 0.0
+    return math.sqrt(max(0.0, (squares - total * total / n) / (n - 1)))
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [G_i, C_i] tensors along dim 0, right-padding dim 1 with zeros to max C_i."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+def _autocast(accelerator):
+    return accelerator.autocast() if accelerator.mixed_precision != "no" else nullcontext()
