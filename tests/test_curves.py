@@ -52,6 +52,22 @@ def test_plot_from_run_dir(tmp_path):
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["curves.png"]  # no temp file left behind
 
 
+def test_plotted_lines_are_the_logged_metrics(tmp_path):
+    """Every panel's raw line holds exactly the logged (step, value) pairs of its metric."""
+    from echoink.analysis.curves import PANELS, load_metrics, metric_series, training_figure
+
+    rows = load_metrics(_write_metrics(tmp_path / "metrics.jsonl"))
+    figure = training_figure(rows)
+    for axis, panel in zip(figure.axes, PANELS):
+        key, steps, values = metric_series(rows, panel.keys)
+        if key is None:
+            assert not axis.lines
+            continue
+        raw = axis.lines[0]  # the raw series is drawn first (the EMA, when drawn, second)
+        assert list(raw.get_xdata()) == list(steps) and list(raw.get_ydata()) == list(values), panel.title
+        assert len(values) > 0
+
+
 def test_missing_keys_still_plot(tmp_path):
     path = _write_metrics(tmp_path / "m.jsonl", steps=3, with_eval=False, drop=("kl", "reward_std"))
     out = plot_training_curves(path, tmp_path / "c.png")

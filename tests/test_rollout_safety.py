@@ -48,12 +48,29 @@ def test_completion_mask_includes_the_first_eos_only():
 
 
 def test_over_long_prompts_are_skipped_and_counted(tiny_model_dir, mixed_dataset, tmp_path):
+    """A step mixing short and long prompts trains on exactly the short ones and counts the long ones."""
     from echoink.config import load_config
+    from echoink.data import load_dataset
+    from echoink.grpo.batches import BatchPlan
     from echoink.grpo.trainer import train
+    from echoink.model import load_thinker
+    from echoink.model.inputs import encode_prompt
 
-    cfg = load_config(None, [f"model_path={tiny_model_dir}", f"train_data={mixed_dataset}/train/omni_rl_format_train.json",
-                             f"output_dir={tmp_path / 'run'}", "num_generations=2", "max_completion_length=4",
-                             "max_steps=1", "per_device_train_batch_size=3", "max_prompt_length=16", "beta=0"])
+    data = mixed_dataset / "train" / "omni_rl_format_train.json"
+    records = load_dataset(data)
+    _, processor = load_thinker(tiny_model_dir)
+    lengths = {r.problem_id: encode_prompt(r, processor).length for r in records}
+    plan = BatchPlan(num_items=len(records), per_device_batch=6, num_processes=1, grad_accum=1, seed=0)
+    step_ids = [records[i].problem_id for i in plan.step_indices(0, 0)[0]]
+    limit = sorted(lengths[i] for i in step_ids)[2]  # the three shortest fit (ties aside), the others do not
+    long_ids = {i for i in step_ids if lengths[i] > limit}
+    assert 0 < len(long_ids) < len(step_ids)
+
+    cfg = load_config(None, [f"model_path={tiny_model_dir}", f"train_data={data}", f"output_dir={tmp_path / 'run'}",
+                             "num_generations=2", "max_completion_length=4", "max_steps=1", "seed=0",
+                             "per_device_train_batch_size=6", f"max_prompt_length={limit}", "beta=0"])
     train(cfg, progress=False)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
-    assert row["skipped_prompts"] == 3 and row["num_groups"] == 0
+    assert row["skipped_prompts"] == len(long_ids) and row["num_groups"] == len(step_ids) - len(long_ids)
+    trained = {json.loads(line)["problem_id"] for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()}
+    assert trained == set(step_ids) - long_ids

@@ -95,8 +95,8 @@ class TrainConfig:
 
     # --- logging, checkpoints, evaluation ---
     logging_steps: int = 1
-    log_completions: bool = True
-    num_completions_to_print: int = 0
+    log_completions: bool = True  # write every completion to completions.jsonl
+    num_completions_to_print: int = 0  # show this many completions of each logged step in the console
     report_to: list = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
     save_steps: int = 0  # 0: only the final model
     save_total_limit: int | None = None
@@ -157,6 +157,8 @@ class TrainConfig:
         check(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has {len(self.reward_funcs)}")
+        check(self.num_completions_to_print >= 0,
+              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}")
         check(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         check(self.save_total_limit is None or self.save_total_limit >= 1,

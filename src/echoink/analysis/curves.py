@@ -132,21 +132,25 @@ def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Uni
     Raises ``FileNotFoundError``; ``JsonlError`` (ValueError) naming file:line for a bad line; ``ValueError``
     when the file holds no logged step.
     """
-    from matplotlib.figure import Figure  # the object API renders with Agg and never touches pyplot's state
-
     path = metrics_file(metrics_path_or_run_dir)
     rows = load_metrics(path)
     if not rows:
         raise ValueError(f"{path}: no logged steps")
-    rows.sort(key=lambda row: row["step"])
+    run_name = path.parent.name if path.name == METRICS_FILE else path.name
+    return save_figure_atomic(training_figure(rows, run_name), out_png)
 
+
+def training_figure(rows: Sequence[dict[str, Any]], run_name: str = ""):
+    """The six-panel matplotlib Figure of metric rows (what `plot_training_curves` saves)."""
+    from matplotlib.figure import Figure  # the object API renders with Agg and never touches pyplot's state
+
+    rows = sorted(rows, key=lambda row: row["step"])
     figure = Figure(figsize=(16, 8.5))
     axes = figure.subplots(2, 3)
     for axis, panel in zip(axes.flat, PANELS):
         _draw_panel(axis, panel, rows)
-    run_name = path.parent.name if path.name == METRICS_FILE else path.name
     n_steps = len({row["step"] for row in rows})
     figure.suptitle(f"Training dynamics: {run_name}  ({n_steps} logged steps, last step {rows[-1]['step']:g})",
                     fontsize=14)
     figure.tight_layout(rect=(0, 0, 1, 0.96))
-    return save_figure_atomic(figure, out_png)
+    return figure

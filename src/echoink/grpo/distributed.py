@@ -244,12 +244,15 @@ def check_dataset_modalities(accelerator, records) -> None:
 def check_micro_batches(accelerator, batches) -> None:
     """Before any backward: every rank has groups in the same micro-batches (else the others would wait
     forever in a gradient all-reduce) and, under ZeRO / FSDP, the same media per group. Raises the
-    same error on every rank instead of hanging."""
+    same error on every rank instead of hanging.
+
+    batches: per micro-batch, the records this rank rolled out (prompts skipped by length left out).
+    """
     if accelerator.num_processes == 1:
         return
     from accelerate.utils import gather_object
 
-    local = [[_media_pattern(g.record) for g in groups] for groups in batches]
+    local = [[_media_pattern(record) for record in records] for records in batches]
     everyone = gather_object([local])  # one entry per rank
     for index in range(len(local)):
         sizes = {len(rank[index]) for rank in everyone}

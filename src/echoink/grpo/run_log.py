@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from echoink.io import append_jsonl, truncate_jsonl_after
@@ -19,8 +20,13 @@ from echoink.grpo.types import Group
 
 
 class RunLog:
-    def __init__(self, output_dir: Path, accelerator, total_steps: int, enabled: bool = True) -> None:
+    def __init__(self, output_dir: Path, accelerator, total_steps: int, enabled: bool = True,
+                 log_completions: bool = True, num_completions_to_print: int = 0) -> None:
+        """log_completions: write completions.jsonl; num_completions_to_print: show that many of each logged
+        step's completions (best and worst reward first) in the console."""
         self.output_dir = Path(output_dir)
+        self.log_completions = log_completions
+        self.num_completions_to_print = num_completions_to_print
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.console = Console(stderr=True)
@@ -62,14 +68,17 @@ class RunLog:
     def step(self, step: int, metrics: dict, groups: list[Group], reward_names: list[str], every: int = 1) -> None:
         metrics = self._average_over_ranks(metrics)
         metrics["step"] = step
-        completions = self._gather_completions(step, groups, reward_names)
+        wanted = self.log_completions or (self.num_completions_to_print > 0 and step % every == 0)
+        completions = self._gather_completions(step, groups, reward_names) if wanted else []
         if not self.main:
             return
         if step % every == 0:
             append_jsonl(self.output_dir / "metrics.jsonl", [metrics])
             if self.accelerator.trackers:
                 self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
-        append_jsonl(self.output_dir / "completions.jsonl", completions)
+            self._print_completions(step, completions)
+        if self.log_completions:
+            append_jsonl(self.output_dir / "completions.jsonl", completions)
         if self.progress is not None:
             self.progress.update(self.task, advance=1, reward=f"{metrics.get('reward', float('nan')):.3f}")
 
@@ -78,6 +87,21 @@ class RunLog:
             self.progress.stop()
 
     # ------------------------------------------------------------------------------------------
+    def _print_completions(self, step: int, rows: list[dict]) -> None:
+        """The step's best- and worst-rewarded completions, `num_completions_to_print` in all."""
+        n = self.num_completions_to_print
+        if n <= 0 or not rows:
+            return
+        ranked = sorted(rows, key=lambda row: sum(row["rewards"].values()), reverse=True)
+        shown = ranked[: (n + 1) // 2] + ranked[len(ranked) - n // 2:] if n < len(ranked) else ranked
+        table = Table(title=f"step {step}: completions (best, then worst)", show_lines=True)
+        for column in ("problem_id", "rewards", "advantage", "completion"):
+            table.add_column(column, overflow="fold")
+        for row in shown:
+            rewards = ", ".join(f"{k} {v:.2f}" for k, v in row["rewards"].items())
+            table.add_row(str(row["problem_id"]), rewards, f"{row['advantage']:+.2f}", row["completion"][:300])
+        self.console.print(table)
+
     def _average_over_ranks(self, metrics: dict) -> dict:
         if self.accelerator.num_processes == 1:
             return dict(metrics)

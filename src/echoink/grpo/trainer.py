@@ -62,7 +62,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
-    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress)
+    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
+                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
     log.announce(config, arithmetic, len(records))
 
     # --- 2. model, reference, optimizer ---
