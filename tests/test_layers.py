@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lowest first; units in one layer may import each other (no cycles), except SIBLINGS
 LAYERS = (
-    ("echoink", "echoink.config", "echoink.choices", "echoink.io"),
+    ("echoink", "echoink.config", "echoink.choices", "echoink.io", "echoink.compat"),
     ("echoink.data",),
     ("echoink.prompts", "echoink.problem_types", "echoink.rewards"),
     ("echoink.model",),
@@ -119,3 +119,26 @@ def test_the_checker_sees_lazy_imports(tmp_path):
         assert "echoink.eval.run" in _imports(path, _module_name(path))
     finally:
         SRC = saved
+
+
+NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make"}  # public despite the underscore
+
+
+def test_private_library_attributes_only_in_the_compatibility_module():
+    """`._name` access on a library object lives in echoink/compat.py, where it is probed at import."""
+    import re
+
+    pattern = re.compile(r"\b(?!self\b|cls\b)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*\._[a-z][a-z0-9_]*\b")
+    offenders = []
+    for path in sorted((SRC / "echoink").rglob("*.py")):
+        if path.name == "compat.py":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            code = re.sub(r"``[^`]*``", "", line.split("#", 1)[0])  # docstring literals name, not access
+            if '"' in code or "'" in code:
+                code = re.sub(r"(\"[^\"]*\"|'[^']*')", "", code)
+            for match in pattern.finditer(code):
+                if match.group(0).rsplit(".", 1)[1] in NAMEDTUPLE_API:
+                    continue
+                offenders.append(f"{path.relative_to(SRC)}:{number}: {match.group(0)}")
+    assert not offenders, "\n".join(offenders)

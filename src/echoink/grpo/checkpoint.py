@@ -23,6 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
+from echoink.compat import weight_conversions_set_aside
 from echoink.io import replace_directory, write_json_atomic
 from echoink.grpo.distributed import full_state_dict
 from echoink.model.processor import save_processor
@@ -121,9 +122,5 @@ def _save_thinker_weights(thinker, state: dict, directory: Path) -> None:
     `deepspeed.zero.Init` (ZeRO-3) records extra prefix rules that would write `thinker.model.thinker.*`
     keys, so the recorded rules are set aside while saving.
     """
-    recorded = getattr(thinker, "_weight_conversions", None)
-    thinker._weight_conversions = None
-    try:
+    with weight_conversions_set_aside(thinker):
         thinker.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
-    finally:
-        thinker._weight_conversions = recorded

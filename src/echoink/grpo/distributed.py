@@ -31,6 +31,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
+from echoink.compat import (
+    deepspeed_engine_step_deferred,
+    remove_zero3_hooks,
+    require_zero3_hook_internals,
+    reset_accelerate_state,
+    restore_zero3_hooks,
+)
 from echoink.config import ConfigError
 
 _AUTO = "auto"
@@ -54,10 +61,7 @@ def make_accelerator(config) -> Accelerator:
     if launched == 1 and not torch.distributed.is_initialized():
         # accelerate keeps its state per process; a fresh one lets a notebook or a test suite call train()
         # again with other settings (e.g. bf16 after fp32), which accelerate would otherwise refuse
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        reset_accelerate_state()
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # e.g. the audio tower's unused parameter
     cpu = False
     if not _has_device():
@@ -122,11 +126,8 @@ def accumulation(accelerator, policy, sync: bool):
         return
     if is_deepspeed(accelerator):
         # accelerate's backward steps the DeepSpeed engine when sync_gradients is True
-        accelerator.gradient_state._set_sync_gradients(False)
-        try:
+        with deepspeed_engine_step_deferred(accelerator):
             yield
-        finally:
-            accelerator.gradient_state._set_sync_gradients(True)
     else:
         with accelerator.no_sync(policy):
             yield
@@ -178,28 +179,22 @@ def _zero3_full_parameters(engine):
     `GatheredParameters` alone is not enough: ZeRO-3's per-module hooks release a module's parameters
     after each call and fetch them again at the next, i.e. an all-gather per layer per sampled token.
     The hooks are set aside while the parameters are gathered and re-registered afterwards (as TRL
-    does). If this DeepSpeed version lacks the internals used, the hooks stay (slower, same result).
+    does), through `echoink.compat` (which names the internal a newer DeepSpeed lacks).
     """
     import deepspeed
 
     params = list(engine.module.parameters())
     optimizer = getattr(engine, "optimizer", None)
     offload = getattr(optimizer, "parameter_offload", optimizer)
-    can_unhook = all(hasattr(offload, name) for name in ("forward_hooks", "backward_hooks", "module",
-                                                         "_register_deepspeed_module"))
+    require_zero3_hook_internals(offload)
     with deepspeed.zero.GatheredParameters(params):
-        if not can_unhook:
-            yield
-            return
         for param in params:
             param.ds_active_sub_modules.clear()
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
+        remove_zero3_hooks(offload)
         try:
             yield
         finally:
-            offload._register_deepspeed_module(offload.module)
+            restore_zero3_hooks(offload)
 
 
 def full_state_dict(accelerator, policy) -> dict[str, torch.Tensor] | None:

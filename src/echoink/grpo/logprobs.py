@@ -38,7 +38,6 @@ chunk recomputed in backward), so [G, C, vocab] fp32 logits never exist at once.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicLayer
 
 from echoink.choices import GROUP_SHARING
+from echoink.compat import attention_implementation_of, caches_allowed_under_checkpointing
 from echoink.grpo.types import Group
 from echoink.model.prompt_embedding import (
     completion_positions,
@@ -163,7 +163,7 @@ def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
     language_model = model.model.language_model
     prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
     recorder = Cache(layers=[_RecordLayer() for _ in language_model.layers])
-    with _cache_through_checkpointing(language_model):
+    with caches_allowed_under_checkpointing(language_model.layers):
         out = language_model(inputs_embeds=embed_prompt(model, prompt), position_ids=prompt_pos,
                              past_key_values=recorder, use_cache=False)
         last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                # [G, 1, H]
@@ -239,22 +239,6 @@ def _checkpoint_is_reentrant(model) -> bool:
     return False
 
 
-@contextmanager
-def _cache_through_checkpointing(language_model):
-    """Let our caches reach the attention of checkpointed layers (transformers drops caches there).
-
-    Safe only because `_RecordLayer` and `_PrefixLayer` give the same result when a layer is replayed.
-    """
-    layers = [layer for layer in language_model.layers if getattr(layer, "gradient_checkpointing", False)]
-    for layer in layers:
-        layer._can_checkpoint_with_cache = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer._can_checkpoint_with_cache
-
-
 def _hidden_packed(model, group: Group) -> torch.Tensor:
     """One packed sequence [prompt, c_1 .. c_G] with a block-causal mask: -> [G, C, H]."""
     prompt, c, p = group.prompt, group.completion_ids.shape[1], group.prompt.length
@@ -302,7 +286,7 @@ def _hidden_packed(model, group: Group) -> torch.Tensor:
 
 def _attention_mask(model, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[L, L] bool -> the 4-D mask the attention implementation takes (sdpa: bool; eager: additive float)."""
-    if model.config._attn_implementation == "sdpa":
+    if attention_implementation_of(model.config) == "sdpa":
         return allowed[None, None]
     additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]

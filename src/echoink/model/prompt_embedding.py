@@ -27,6 +27,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from echoink.compat import attention_implementation_of, attention_implementation_set, checkpoint_functions_wrapped
 from echoink.model.inputs import PromptInputs
 
 
@@ -97,35 +98,17 @@ def attention_implementation(language_model, name: str):
     each checkpointed layer is wrapped meanwhile, so that the replay runs under `name` too (a
     replay under another implementation would not match the forward).
     """
-    replaced = []
-    for layer in language_model.layers:
-        original = vars(layer).get("_gradient_checkpointing_func")
-        if getattr(layer, "gradient_checkpointing", False) and original is not None:
-            layer._gradient_checkpointing_func = _replays_under(original, language_model.config, name)
-            replaced.append((layer, original))
-    try:
-        with _config_attention(language_model.config, name):
+    with checkpoint_functions_wrapped(language_model.layers,
+                                      lambda original: _replays_under(original, language_model.config, name)):
+        with attention_implementation_set(language_model.config, name):
             yield
-    finally:
-        for layer, original in replaced:
-            layer._gradient_checkpointing_func = original
-
-
-@contextmanager
-def _config_attention(config, name: str):
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 def _replays_under(checkpoint_function, config, name: str):
     """A checkpoint function whose checkpointed function (forward and replay) runs under `name`."""
     def checkpointed(function, *args, **kwargs):
         def under_name(*inner_args, **inner_kwargs):
-            with _config_attention(config, name):
+            with attention_implementation_set(config, name):
                 return function(*inner_args, **inner_kwargs)
         return checkpoint_function(under_name, *args, **kwargs)
     return checkpointed
@@ -162,6 +145,6 @@ def require_full_attention(language_model) -> None:
 
 def masked_attention(language_model):
     """Context for forwards that pass an explicit 4-D mask: GQA-native sdpa when the model uses sdpa."""
-    if language_model.config._attn_implementation == "sdpa":
+    if attention_implementation_of(language_model.config) == "sdpa":
         return attention_implementation(language_model, GQA_SDPA)
     return nullcontext()
