@@ -49,15 +49,20 @@ def _steps(path: Path) -> list[int]:
     return [row["step"] for row in _jsonl(path)] if path.is_file() else []
 
 
+DYNAMIC = ("dynamic_sampling=true", "skip_zero_advantage_groups=true", "max_sampling_rounds=3")
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_dir, mixed_dataset):
+@pytest.mark.parametrize("sampling", [(), DYNAMIC], ids=["fixed", "dynamic-sampling"])
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_model_dir, mixed_dataset, sampling):
+    """With dynamic sampling the data position is state (draw rounds consumed): it must come back too."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     logs = tmp_path / "logs"
     logs.mkdir()
     # both runs at once (one thread each): the uninterrupted one, and the one we kill
-    reference = subprocess.Popen(_command(tiny_model_dir, mixed_dataset, straight, "save_total_limit=1"), cwd=REPO,
+    reference = subprocess.Popen(_command(tiny_model_dir, mixed_dataset, straight, "save_total_limit=1", *sampling), cwd=REPO,
                                  env=_env(), stdout=open(logs / "a.out", "w"), stderr=open(logs / "a.err", "w"))
-    victim = subprocess.Popen(_command(tiny_model_dir, mixed_dataset, killed), cwd=REPO, env=_env(),
+    victim = subprocess.Popen(_command(tiny_model_dir, mixed_dataset, killed, *sampling), cwd=REPO, env=_env(),
                               stdout=open(logs / "b.out", "w"), stderr=open(logs / "b.err", "w"))
     # kill -9 once checkpoint-2 is complete and step 3 is logged (so step 3 is redone after the resume)
     deadline = time.monotonic() + 240
@@ -76,7 +81,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mode
     (killed / "checkpoint-3").mkdir()
     assert latest_checkpoint(killed) == killed / "checkpoint-2"
 
-    resumed = subprocess.run(_command(tiny_model_dir, mixed_dataset, killed, "resume=true"), cwd=REPO, env=_env(),
+    resumed = subprocess.run(_command(tiny_model_dir, mixed_dataset, killed, "resume=true", *sampling), cwd=REPO, env=_env(),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert f"resumed from {killed / 'checkpoint-2'} at step 2" in resumed.stderr
@@ -101,7 +106,12 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mode
 
     # save_total_limit=1 kept only the newest checkpoint; checkpoints reload with load_thinker
     assert [p.name for p in checkpoint_dirs(straight)] == ["checkpoint-4"]
-    assert read_state(killed / "checkpoint-4") == {"step": 4, "seed": 11, "prompts_seen": 8}
+    if not sampling:
+        assert read_state(killed / "checkpoint-4") == {"step": 4, "seed": 11, "prompts_seen": 8}
+    else:  # at least one draw round per step; the resumed run continued from checkpoint-2's position
+        state, rounds = read_state(killed / "checkpoint-4"), [r["sampling_rounds"] for r in _jsonl(killed / "metrics.jsonl")]
+        assert state["data_position"] == sum(rounds) >= MAX_STEPS and state["prompts_seen"] == 2 * sum(rounds)
+        assert read_state(straight / "checkpoint-4")["data_position"] == state["data_position"]
     _generates(killed / "checkpoint-2")
 
 

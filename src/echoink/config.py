@@ -63,6 +63,11 @@ class TrainConfig:
     reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list | None = None
     group_sharing: str = "full"  # none | encoders | full: compute each prompt once per group
+    # groups whose rewards are all equal (zero advantage): skip their update (None: on when beta == 0), and
+    # dynamic sampling (DAPO): draw up to max_sampling_rounds rounds until the batch holds informative groups
+    skip_zero_advantage_groups: bool | None = None
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
 
     # --- optimisation (TRL / transformers TrainingArguments names) ---
     learning_rate: float = 1e-6
@@ -129,6 +134,7 @@ class TrainConfig:
         check(self.group_sharing in GROUP_SHARING,
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
+        check(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")

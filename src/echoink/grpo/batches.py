@@ -9,6 +9,10 @@ small policy from chasing whichever letter won the last batch.
 A step consumes `prompts_per_step = per_device_batch * num_processes * grad_accum` prompts. Rank r
 takes its `per_device_batch` prompts of micro-step m from a contiguous slice, so groups stay whole on
 one rank.
+
+Dynamic sampling consumes a varying number of prompts per step, so there the data position IS state:
+prompts are drawn in rounds (`round_indices`) of `per_device_batch` per rank from one endless stream
+(the epoch orders one after another), and the number of rounds consumed is saved in checkpoints.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -36,6 +41,19 @@ class BatchPlan:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Dataset indices in the order epoch `epoch` visits them."""
+        return list(_epoch_order(self, epoch))
+
+    def round_indices(self, round_index: int, rank: int) -> list[int]:
+        """Dynamic sampling: rank `rank`'s `per_device_batch` prompts of draw round `round_index`."""
+        start = round_index * self.per_device_batch * self.num_processes + rank * self.per_device_batch
+        indices = []
+        for position in range(start, start + self.per_device_batch):
+            epoch, within = divmod(position, self.num_items)
+            indices.append(_epoch_order(self, epoch)[within])
+        return indices
+
+    def uncached_epoch_order(self, epoch: int) -> list[int]:
+        """`epoch_order` computed afresh (`epoch_order` caches the last few epochs)."""
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.num_items).tolist() if self.shuffle else list(range(self.num_items))
         if self.answer_letters is None:
@@ -55,10 +73,15 @@ class BatchPlan:
         """Indices for rank `rank` at optimizer step `step`: one list per micro-step (grad accumulation)."""
         per_epoch = max(1, math.ceil(self.num_items / self.prompts_per_step))  # the last step wraps around
         epoch, within = divmod(step, per_epoch)
-        order = self.epoch_order(epoch)
+        order = _epoch_order(self, epoch)
         start = within * self.prompts_per_step
         micro = []
         for m in range(self.grad_accum):
             offset = start + (m * self.num_processes + rank) * self.per_device_batch
             micro.append([order[(offset + i) % self.num_items] for i in range(self.per_device_batch)])
         return micro
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(plan: BatchPlan, epoch: int) -> tuple[int, ...]:
+    return tuple(plan.uncached_epoch_order(epoch))

@@ -249,8 +249,10 @@ class GRPOLoss:
         grpo    : W * sum_i [ sum_t L m / max(1, sum_t m) ] / counts.sequences      (mean over the step's sequences)
         dr_grpo : W * sum L m / (counts.sequences * max_completion_length)
         dapo    : W * sum L m / counts.tokens                                      (mean over the step's tokens)
-        bnpo    : [ sum L m / max(1, sum m) ] / counts.micro_batches               (TRL's definition: each
-                  micro-batch's own token mean, averaged over micro-batches and, by DDP, over processes)
+        bnpo    : [ sum L m / max(1, micro_batch_tokens) ] / counts.micro_batches  (TRL's definition: each
+                  micro-batch's own token mean, averaged over micro-batches and, by DDP, over processes;
+                  micro_batch_tokens defaults to sum m, and is the whole micro-batch's count when some of
+                  its groups are left out of the forward)
 
     Without accumulation on one process these equal ``policy_loss``'s values for the whole batch.
     """
@@ -276,8 +278,8 @@ class GRPOLoss:
                    use_bias_correction_kl=config.use_bias_correction_kl)
 
     def __call__(self, logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
-                 advantages: torch.Tensor, mask: torch.Tensor, counts: StepCounts
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 advantages: torch.Tensor, mask: torch.Tensor, counts: StepCounts,
+                 micro_batch_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """logps, old_logps, ref_logps, mask: [N, T]; advantages: [N] -> (loss to back-propagate, stats)."""
         if self.beta != 0.0 and ref_logps is None:
             raise ValueError(f"beta={self.beta} needs ref_logps (the reference model's log-probs)")
@@ -289,7 +291,8 @@ class GRPOLoss:
         m = terms.mask
         masked_loss = terms.per_token_loss * m  # [N, T]
         if self.loss_type == "bnpo":
-            loss = masked_loss.sum() / m.sum().clamp(min=1.0) / max(1, counts.micro_batches)
+            tokens = m.sum() if micro_batch_tokens is None else torch.as_tensor(float(micro_batch_tokens))
+            loss = masked_loss.sum() / tokens.clamp(min=1.0) / max(1, counts.micro_batches)
         else:
             if self.loss_type == "grpo":
                 total = (masked_loss.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum()

@@ -123,6 +123,7 @@ class RunLog:
                     "solution": group.record.solution, "completion": text,
                     "rewards": {name: float(group.rewards[i, j]) for j, name in enumerate(reward_names)},
                     "advantage": float(group.advantages[i]), "truncated": bool(group.truncated[i]),
+                    "trained": group.trained,
                     "length": int(group.completion_lengths[i]),
                 })
         if self.accelerator.num_processes > 1:

@@ -38,6 +38,7 @@ from echoink.grpo.distributed import (
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
 from echoink.grpo.rollout import sample_group
+from echoink.grpo.sampling import StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.step_metrics import step_metrics
 from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
@@ -78,9 +79,9 @@ class StepResult:
     groups: list[ScoredGroup]
 
 
-def grpo_step(context: StepContext, micro_batches: list[list]) -> StepResult:
-    """One GRPO step on this rank's records (one list of `per_device_train_batch_size` per micro-batch)."""
-    batch = collect(context, micro_batches)
+def grpo_step(context: StepContext, prompts: StepPrompts) -> StepResult:
+    """One GRPO step on this rank's prompts (`StepPrompts`: one planned list per micro-batch, more on request)."""
+    batch = collect(context, prompts)
     update_metrics = update(context, batch)
     metrics = step_metrics(batch.groups, context.rewards, context.config.num_generations)
     metrics.update(batch.stats)
@@ -92,63 +93,102 @@ def grpo_step(context: StepContext, micro_batches: list[list]) -> StepResult:
 
 # ---- collect -------------------------------------------------------------------------------------------
 
-def collect(context: StepContext, micro_batches: list[list]) -> CollectedBatch:
-    """Rollouts, rewards, advantages, the step's global counts, old and reference log-probs (no grad)."""
+@dataclass(frozen=True)
+class _Draw:
+    """One micro-batch's sampled groups: (record, Group, rewards [G, R]) kept for training, and what it cost."""
+
+    kept: list[tuple]
+    skipped_prompts: int
+    rounds: int
+    rolled_out: int
+    surplus: int
+
+
+def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
+    """Rollouts (with dynamic sampling: more rounds until groups inform), rewards, advantages, the step's
+    global counts, old and reference log-probs (no grad)."""
     config, accelerator = context.config, context.accelerator
     t = time.perf_counter()
-    rollouts, skipped = _rollouts(context, micro_batches)            # per micro-batch: [(record, Group)]
+    draws = [_draw_micro_batch(context, prompts, m) for m in range(config.gradient_accumulation_steps)]
     rollout_seconds = time.perf_counter() - t
-    check_micro_batches(accelerator, [[record for record, _ in batch] for batch in rollouts])
+    check_micro_batches(accelerator, [[record for record, _, _ in draw.kept] for draw in draws])
 
-    scored = _score(context, rollouts)                               # per micro-batch: [ScoredGroup]
+    scored = _advantages(context, [draw.kept for draw in draws])      # per micro-batch: [ScoredGroup]
     counts = _step_counts(context, scored)
 
     t = time.perf_counter()
     scored = _with_old_and_reference_logps(context, scored)
-    stats = {"skipped_prompts": float(skipped), "rollout_seconds": rollout_seconds,
-             "logprob_seconds": time.perf_counter() - t}
+    groups = [g for batch in scored for g in batch]
+    informative_groups = sum(informative(g.rewards, context.rewards.weights) for g in groups)
+    rolled_out = sum(draw.rolled_out for draw in draws)
+    stats = {"skipped_prompts": float(sum(draw.skipped_prompts for draw in draws)),
+             "informative_groups": float(informative_groups),
+             "skipped_groups": float(sum(not g.trained for g in groups)),
+             "sampling_rounds": float(sum(draw.rounds for draw in draws)),
+             "surplus_groups": float(sum(draw.surplus for draw in draws)),
+             "rollouts_per_informative_group": rolled_out / informative_groups if informative_groups else float("nan"),
+             "rollout_seconds": rollout_seconds, "logprob_seconds": time.perf_counter() - t}
     return CollectedBatch(micro_batches=tuple(tuple(batch) for batch in scored), counts=counts, stats=stats)
 
 
-def _rollouts(context: StepContext, micro_batches: list[list]) -> tuple[list[list[tuple]], int]:
-    """-> per micro-batch a list of (record, Group); prompts over max_prompt_length are skipped and counted."""
+def _draw_micro_batch(context: StepContext, prompts: StepPrompts, index: int) -> _Draw:
+    """Roll out micro-batch `index`'s planned prompts; with dynamic sampling, draw further rounds until every
+    process holds `per_device_train_batch_size` informative groups (or `max_sampling_rounds` is reached)."""
+    config, accelerator, weights = context.config, context.accelerator, context.rewards.weights
+    kept, skipped = _rollouts(context, prompts.planned(index))
+    rounds, rolled_out = 1, len(kept)
+    if not config.dynamic_sampling:
+        return _Draw(kept, skipped, rounds, rolled_out, surplus=0)
+    wanted = config.per_device_train_batch_size
+
+    def enough() -> bool:
+        return sum(informative(rewards, weights) for _, _, rewards in kept) >= wanted
+
+    while rounds < config.max_sampling_rounds and _any_process(accelerator, not enough()):
+        more, more_skipped = _rollouts(context, prompts.next_round())
+        kept, skipped, rounds, rolled_out = kept + more, skipped + more_skipped, rounds + 1, rolled_out + len(more)
+    useful = [item for item in kept if informative(item[2], weights)][:wanted]
+    fillers = [item for item in kept if not informative(item[2], weights)][::-1][: wanted - len(useful)]
+    return _Draw(useful + fillers, skipped, rounds, rolled_out, surplus=len(kept) - len(useful) - len(fillers))
+
+
+def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
+    """-> [(record, Group, rewards [G, R])] and the number of prompts skipped for exceeding max_prompt_length."""
     config, accelerator, thinker, processor = context.config, context.accelerator, context.thinker, context.processor
     thinker.eval()
-    batches, skipped = [], 0
+    rolled, skipped = [], 0
     with gathered_for_generation(accelerator, context.policy):
-        for records in micro_batches:
-            pairs = []
-            for record in records:
-                # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
-                prompt = encode_prompt(record, processor, context.media_options, context.template)
-                prompt = prompt.to(accelerator.device, context.model_dtype)
-                if config.max_prompt_length and prompt.length > config.max_prompt_length:
-                    skipped += 1  # never truncate through media placeholders: skip and count
-                    continue
-                with _autocast(accelerator):
-                    group = sample_group(thinker, prompt, context.sampling, processor.tokenizer,
-                                         share_prefill=config.group_sharing == "full")
-                pairs.append((record, group))
-            batches.append(pairs)
-    return batches, skipped
+        for record in records:
+            # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
+            prompt = encode_prompt(record, processor, context.media_options, context.template)
+            prompt = prompt.to(accelerator.device, context.model_dtype)
+            if config.max_prompt_length and prompt.length > config.max_prompt_length:
+                skipped += 1  # never truncate through media placeholders: skip and count
+                continue
+            with _autocast(accelerator):
+                group = sample_group(thinker, prompt, context.sampling, processor.tokenizer,
+                                     share_prefill=config.group_sharing == "full")
+            rolled.append((record, group, score_group(context.rewards, group, record)))
+    return rolled, skipped
 
 
-def _score(context: StepContext, rollouts: list[list[tuple]]) -> list[list[ScoredGroup]]:
-    """Rewards [G, R] per group -> weighted totals [B*G] -> advantages [B*G] (batch std over all processes)."""
-    config, rewards = context.config, context.rewards
-    pairs = [pair for batch in rollouts for pair in batch]
-    tables = [score_group(rewards, group, record) for record, group in pairs]              # [G, R] each
-    totals = torch.cat([t @ rewards.weights for t in tables]) if tables else torch.zeros(0)  # [B*G]
+def _advantages(context: StepContext, micro_batches: list[list[tuple]]) -> list[list[ScoredGroup]]:
+    """Weighted totals [B*G] -> advantages [B*G] (batch std pooled over processes); zero-advantage groups are
+    marked untrained when skipping is on."""
+    config, weights = context.config, context.rewards.weights
+    items = [item for batch in micro_batches for item in batch]
+    totals = torch.cat([rewards @ weights for _, _, rewards in items]) if items else torch.zeros(0)  # [B*G]
     batch_std = _global_std(context.accelerator, totals) if config.scale_rewards == "batch" else None
     advantages = group_advantages(totals, config.num_generations, scale=config.scale_rewards, batch_std=batch_std)
-    scored = iter([ScoredGroup(group=group, record=record, rewards=table, advantages=adv)
-                   for (record, group), table, adv in zip(pairs, tables,
-                                                          advantages.split(config.num_generations))])
-    return [[next(scored) for _ in batch] for batch in rollouts]
+    skip = skips_zero_advantage_groups(config)
+    scored = iter([ScoredGroup(group=group, record=record, rewards=rewards, advantages=adv,
+                               trained=not (skip and not bool(adv.any())))
+                   for (record, group, rewards), adv in zip(items, advantages.split(config.num_generations))])
+    return [[next(scored) for _ in batch] for batch in micro_batches]
 
 
 def _step_counts(context: StepContext, scored: list[list[ScoredGroup]]) -> StepCounts:
-    """Sequences and masked completion tokens of the step, summed over every process."""
+    """Sequences and masked completion tokens of the step (skipped groups included), summed over processes."""
     groups = [g for batch in scored for g in batch]
     tokens = sum(float(_loss_mask(context.config, g).sum()) for g in groups)
     sequences, tokens = _sum_over_processes(context.accelerator, [sum(g.size for g in groups), tokens])
@@ -157,44 +197,57 @@ def _step_counts(context: StepContext, scored: list[list[ScoredGroup]]) -> StepC
 
 
 def _with_old_and_reference_logps(context: StepContext, scored: list[list[ScoredGroup]]) -> list[list[ScoredGroup]]:
-    """Attach old-policy (num_iterations > 1) and reference (beta > 0) log-probs [G, C], computed without grad."""
+    """Attach old-policy (num_iterations > 1) and reference (beta > 0) log-probs [G, C] of the groups the update
+    trains on, computed without grad."""
     config, accelerator, thinker = context.config, context.accelerator, context.thinker
-    groups = [g for batch in scored for g in batch]
-    old = ref = [None] * len(groups)
+    trained = [g for batch in scored for g in batch if g.trained]
+    old = ref = [None] * len(trained)
     with torch.no_grad(), _autocast(accelerator), gathered_for_generation(accelerator, context.policy):
-        if config.num_iterations > 1:
-            old = group_token_logps(thinker, groups, config.group_sharing, config.temperature)
-        if config.beta > 0:
+        if config.num_iterations > 1 and trained:
+            old = group_token_logps(thinker, trained, config.group_sharing, config.temperature)
+        if config.beta > 0 and trained:
             peft = context.peft_model
             with (peft.disable_adapter() if peft is not None else nullcontext()):
                 model = context.reference if context.reference is not None else thinker
-                ref = group_token_logps(model, groups, config.group_sharing, config.temperature)
-    filled = iter([replace(g, old_logps=o, ref_logps=r) for g, o, r in zip(groups, old, ref)])
-    return [[next(filled) for _ in batch] for batch in scored]
+                ref = group_token_logps(model, trained, config.group_sharing, config.temperature)
+    filled = {id(g): replace(g, old_logps=o, ref_logps=r) for g, o, r in zip(trained, old, ref)}
+    return [[filled.get(id(g), g) for g in batch] for batch in scored]
 
 
 # ---- update --------------------------------------------------------------------------------------------
 
 def update(context: StepContext, batch: CollectedBatch) -> dict:
-    """num_iterations optimizer updates on the collected completions; returns loss and gradient metrics."""
+    """num_iterations optimizer updates on the collected completions; returns loss and gradient metrics.
+
+    Only groups marked `trained` get a policy forward/backward. A micro-batch runs when any process trains a
+    group in it (decided alike everywhere: ZeRO-3 needs the same forwards on every rank); a process with no
+    trained group there runs one zero-weight forward instead. When no group trains anywhere, one zero-weight
+    forward still runs, so the optimizer steps on a zero gradient exactly as without skipping.
+    """
     config, accelerator, policy = context.config, context.accelerator, context.policy
     optimizer, scheduler = context.optimizer, context.scheduler
     t = time.perf_counter()
     context.thinker.train()
+    trained = [tuple(g for g in groups if g.trained) for groups in batch.micro_batches]
+    active = _micro_batches_to_run(accelerator, batch.micro_batches, trained)
     loss_stats: list[dict] = []
     grad_norm, nonfinite_updates = float("nan"), 0
-    active = [i for i, groups in enumerate(batch.micro_batches) if groups]  # the same on every rank (checked)
     for _ in range(config.num_iterations):
         for index in active:
             # gradients of the micro-batches add up locally; the last one synchronises (and steps DeepSpeed)
             with accumulation(accelerator, policy, sync=index == active[-1]):
-                loss, stats = _micro_batch_loss(context, batch.micro_batches[index], batch.counts)
+                if trained[index]:
+                    loss, stats = _micro_batch_loss(context, trained[index], batch.counts,
+                                                    micro_batch_tokens=_tokens(config, batch.micro_batches[index]))
+                else:  # zero weight: the same forwards on every process, no gradient
+                    loss, stats = _zero_weight_loss(context, batch.micro_batches[index][:1]), {}
                 if is_deepspeed(accelerator) and _any_process(accelerator, not bool(torch.isfinite(loss))):
                     raise NonFiniteError("non-finite loss under DeepSpeed, whose engine steps inside backward (the "
                                          "update cannot be skipped there): stopped before it reached the weights; "
                                          "lower learning_rate, check the rewards and the data")
                 accelerator.backward(loss)
-            loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
+            if trained[index]:
+                loss_stats.append({"loss": loss.detach().float().item(), **{k: float(v) for k, v in stats.items()}})
         if not active:
             continue
         if _any_process(accelerator, not _gradients_finite(policy)):
@@ -213,7 +266,19 @@ def update(context: StepContext, batch: CollectedBatch) -> dict:
     return metrics
 
 
-def _micro_batch_loss(context: StepContext, groups: tuple[ScoredGroup, ...], counts: StepCounts):
+def _micro_batches_to_run(accelerator, micro_batches, trained) -> list[int]:
+    """Indices of the micro-batches any process trains a group in (the same list on every process)."""
+    local = [1.0 if groups else 0.0 for groups in trained]
+    if accelerator.num_processes > 1 and local:
+        local = accelerator.reduce(torch.tensor(local, device=accelerator.device), reduction="sum").tolist()
+    active = [i for i, value in enumerate(local) if value > 0]
+    if not active:  # nothing to learn anywhere: one zero-weight forward keeps the optimizer step as it was
+        active = [i for i, groups in enumerate(micro_batches) if groups][:1]
+    return active
+
+
+def _micro_batch_loss(context: StepContext, groups: tuple[ScoredGroup, ...], counts: StepCounts,
+                      micro_batch_tokens: float | None = None):
     """Policy log-probs [B*G, C] with grad for one micro-batch -> the configured loss (and its stats)."""
     config, device = context.config, context.accelerator.device
     with _autocast(context.accelerator):
@@ -227,7 +292,21 @@ def _micro_batch_loss(context: StepContext, groups: tuple[ScoredGroup, ...], cou
         torch.cat([g.advantages for g in groups]).to(device),                     # [B*G]
         mask,
         counts,
+        micro_batch_tokens,
     )
+
+
+def _zero_weight_loss(context: StepContext, groups: tuple[ScoredGroup, ...]) -> torch.Tensor:
+    """A policy forward whose loss is 0 (its gradient is zero for every parameter it reaches)."""
+    with _autocast(context.accelerator):
+        logps = context.policy(list(groups), sharing=context.config.group_sharing,
+                               temperature=context.config.temperature)
+    return sum(torch.where(g.completion_mask.bool(), lp, 0.0).sum() for g, lp in zip(groups, logps)) * 0.0
+
+
+def _tokens(config: TrainConfig, groups) -> float:
+    """Masked completion tokens of a micro-batch's groups (bnpo's per-micro-batch denominator)."""
+    return sum(float(_loss_mask(config, g).sum()) for g in groups)
 
 
 def _loss_mask(config: TrainConfig, group: ScoredGroup | Group) -> torch.Tensor:

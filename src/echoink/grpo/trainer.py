@@ -25,6 +25,7 @@ from echoink.grpo.distributed import check_dataset_modalities, make_accelerator,
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
 from echoink.grpo.run_log import RunLog
+from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.step import StepContext, grpo_step
 from echoink.io import write_json_atomic
@@ -65,6 +66,9 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
                  log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
     log.announce(config, arithmetic, len(records))
+    if config.beta > 0 and skips_zero_advantage_groups(config):
+        log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
+                 "their KL term is dropped (the gradient differs from not skipping by that term)")
 
     # --- 2. model, reference, optimizer ---
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
@@ -89,10 +93,11 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     thinker = accelerator.unwrap_model(policy).thinker
 
     # --- 3. resume ---
-    start_step = 0
+    start_step, data_position = 0, 0  # data_position: draw rounds consumed (dynamic sampling only)
     checkpoint = resume_from or config.resume_from_checkpoint or (latest_checkpoint(output_dir) if config.resume else None)
     if checkpoint:
-        start_step = load_checkpoint_state(accelerator, checkpoint)["step"]
+        state = load_checkpoint_state(accelerator, checkpoint)
+        start_step, data_position = state["step"], state.get("data_position", 0)
         log.truncate_after(start_step)  # steps logged after the checkpoint are about to be redone
         log.note(f"resumed from {checkpoint} at step {start_step}")
 
@@ -114,16 +119,21 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
         t0 = time.perf_counter()
-        micro_batches = [[records[i] for i in indices] for indices in plan.step_indices(step, accelerator.process_index)]
-        result = grpo_step(context, micro_batches)
+        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
+                              first_round=data_position)
+        result = grpo_step(context, prompts)
+        data_position += prompts.rounds_used
         result.metrics["step_seconds"] = time.perf_counter() - t0
         result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
         if evaluate is not None and (step + 1) % config.eval_steps == 0:
             result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
         log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
         if config.save_steps and (step + 1) % config.save_steps == 0:
-            save_checkpoint(accelerator, save_model, output_dir, step + 1, {"step": step + 1, "seed": config.seed,
-                            "prompts_seen": (step + 1) * plan.prompts_per_step},
+            state = {"step": step + 1, "seed": config.seed, "prompts_seen": (step + 1) * plan.prompts_per_step}
+            if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
+                state.update(data_position=data_position,
+                             prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
+            save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
                             save_total_limit=config.save_total_limit)
 
     # --- 5. final model ---
