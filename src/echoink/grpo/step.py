@@ -125,6 +125,7 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
              "informative_groups": float(informative_groups),
              "skipped_groups": float(sum(not g.trained for g in groups)),
              "sampling_rounds": float(sum(draw.rounds for draw in draws)),
+             "rollout_groups": float(rolled_out),
              "surplus_groups": float(sum(draw.surplus for draw in draws)),
              "rollouts_per_informative_group": rolled_out / informative_groups if informative_groups else float("nan"),
              "rollout_seconds": rollout_seconds, "logprob_seconds": time.perf_counter() - t}
