@@ -29,13 +29,13 @@ Aggregation (``m`` = mask):
     dr_grpo : sum L m / (N * max_completion_length)            (constant normaliser, no length bias)
     dapo    : sum L m / num_items_in_batch                     (each token of the whole batch weighs the same)
 
-This mirrors TRL's ``GRPOTrainer._compute_loss`` (1.16) for these loss types and both importance-sampling
-levels. What TRL does around it and we leave to the trainer: dividing grpo/bnpo/dr_grpo by the number of
-gradient-accumulation steps, and gathering the global token count for dapo. For dapo TRL divides the local sum
-by ``global_active_tokens / num_processes`` (DDP then averages gradients over processes, giving
-``sum over all tokens / global_active_tokens``); pass exactly that value as ``num_items_in_batch`` to reproduce
-it. When ``num_items_in_batch`` is None the local active-token count is used (identical on one process without
-gradient accumulation).
+``policy_loss`` (public, stable) computes these for ONE batch, as TRL's ``GRPOTrainer._compute_loss`` (1.16)
+does for these loss types and both importance-sampling levels; for dapo, ``num_items_in_batch`` overrides the
+token count (default: the batch's own).
+
+``GRPOLoss`` (below) is what training uses: configured once from the config, called per micro-batch with the
+step's global ``StepCounts``, it returns exactly the value to back-propagate so that gradient accumulation and
+DDP / ZeRO / FSDP averaging give the step's true mean (formulas in its docstring). The trainer chooses no scale.
 
 On-policy (``old_logps=None``, one optimisation step per generation): ``old_logps = logps.detach()``, so
 ``coef_1 == 1`` in value but still carries the gradient of ``logps``: the surrogate's gradient is the plain
