@@ -8,3 +8,5 @@ LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 #: group_sharing: "none" repeats each prompt G times (the usual path); "encoders" runs the media encoders once
 #: per prompt; "full" also computes the prompt once (its K/V) in log-prob passes and prefills it once in rollouts.
 GROUP_SHARING = ("none", "encoders", "full")
+#: report_to: the experiment trackers accelerate knows (`accelerate.utils.LoggerType`).
+REPORT_TO = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")

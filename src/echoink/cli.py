@@ -21,6 +21,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=1)
 
 
+def _fail_no_space(error, resumable: str) -> None:
+    """A full disk: the path, and how to go on (`resumable`: how the interrupted work continues)."""
+    _fail(str(error) if getattr(error, "detail", "") else f"{error}: free space, then {resumable}")
+
+
 # ---- model commands ---------------------------------------------------------------------------
 
 @model_app.command("tiny")
@@ -31,12 +36,15 @@ def model_tiny(
     size: str = typer.Option("tiny", "--size", help="tiny (tests, demo) or bench (benchmark shape)."),
 ) -> None:
     """Write a tiny random-initialised Qwen2.5-Omni checkpoint + processor files, offline."""
+    from echoink.io import NoSpaceLeftError
     from echoink.model.tiny import write_tiny_checkpoint
 
     try:
         path = write_tiny_checkpoint(out, layout=layout, seed=seed, size=size)
     except ValueError as exc:
         _fail(str(exc))
+    except NoSpaceLeftError as exc:
+        _fail_no_space(exc, "run the command again (nothing half-written was left)")
     typer.echo(f"wrote tiny Qwen2.5-Omni checkpoint ({layout} layout, {size}) to {path}")
 
 
@@ -141,9 +149,16 @@ def train_command(
     num_items: Optional[int] = typer.Option(None, "--num-items",
                                             help="With --dry-run: training items, when the dataset is not at hand."),
 ) -> None:
-    """Train with GRPO. Extra arguments are key=value overrides of the config, e.g. beta=0.04."""
+    """Train with GRPO. Extra arguments are key=value overrides of the config, e.g. beta=0.04.
+
+    The working directory is on the import path (as with `python -m`), after the installed packages:
+    `reward_funcs=[my_rewards:length]` finds ./my_rewards.py without PYTHONPATH.
+    """
     from echoink.config import ConfigError, load_config
     from echoink.data import DatasetError
+    from echoink.io import NoSpaceLeftError
+
+    _working_directory_importable()
 
     try:
         cfg = load_config(config, ctx.args)
@@ -152,6 +167,12 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.rewards import resolve_rewards
+
+        try:
+            resolve_rewards(cfg.reward_funcs)  # a reward that cannot be imported fails here, not after the model loads
+        except ValueError as exc:
+            _fail(str(exc))
 
         if num_items is None:
             try:
@@ -170,7 +191,18 @@ def train_command(
                       evaluate=training_evaluator(cfg))
     except (DatasetError, ModelLoadError, RewardError, ConfigError, ValueError) as exc:
         _fail(str(exc))
+    except NoSpaceLeftError as exc:
+        _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
     typer.echo(f"final model: {final}")
+
+
+def _working_directory_importable() -> None:
+    """Put the working directory on the import path as `python -m` does, but last, so a file there never
+    shadows an installed module (the `echoink` console script starts with its own directory instead)."""
+    import sys
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
 
 
 @app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -182,9 +214,19 @@ def demo_command(
 
     Extra key=value arguments override the demo config shipped in the package (echoink/demo/demo_cpu.yaml) (e.g. max_steps=20).
     """
+    from echoink.config import ConfigError
+    from echoink.data import DatasetError
     from echoink.demo import run_demo
+    from echoink.io import NoSpaceLeftError
+    from echoink.model import ModelLoadError
 
-    summary = run_demo(out, overrides=ctx.args)
+    try:
+        summary = run_demo(out, overrides=ctx.args)
+    except (ConfigError, DatasetError, ModelLoadError, ValueError) as exc:
+        _fail(f"{exc} (demo config: echoink/demo/demo_cpu.yaml; key=value arguments override it)"
+              if isinstance(exc, ConfigError) else str(exc))
+    except NoSpaceLeftError as exc:
+        _fail_no_space(exc, "run the demo again (it rebuilds what is missing)")
     typer.echo(f"accuracy {summary['accuracy_before']:.3f} -> {summary['accuracy_after']:.3f}")
 
 
@@ -370,7 +412,14 @@ def aha_command(
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    from echoink.io import NoSpaceLeftError
+
+    try:
+        app()
+    except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
+        typer.secho(f"error: {exc}" + ("" if exc.detail else ": free space, then run the command again (an eval "
+                                       "resumes its predictions file)"), fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,8 +19,14 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-from echoink.choices import GROUP_SHARING, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, LR_SCHEDULERS, SCALE_REWARDS  # noqa: E501
-
+from echoink.choices import (
+    GROUP_SHARING,
+    IMPORTANCE_SAMPLING_LEVELS,
+    LOSS_TYPES,
+    LR_SCHEDULERS,
+    REPORT_TO,
+    SCALE_REWARDS,
+)
 
 
 class ConfigError(ValueError):
@@ -113,6 +119,14 @@ class TrainConfig:
     eval_batch_size: int = 8
     eval_max_new_tokens: int | None = None
 
+    # --- faults: what a run refuses, skips and tolerates (docs/faults.md) ---
+    overwrite_output_dir: bool = False  # transformers' name: clear a previous run in output_dir instead of refusing
+    allow_inexact_resume: bool = False  # resume from a checkpoint without its RNG states (a loud warning, not an error)
+    max_skipped_prompt_fraction: float = 0.5  # stop if more of the prompts of the first steps are over max_prompt_length
+    skipped_prompt_check_steps: int = 4  # ... over this many first steps
+    max_skipped_records: int = 10  # records whose media fail to decode in training: skipped (named) up to this many
+    max_consecutive_nonfinite_steps: int = 3  # optimizer steps skipped for a non-finite loss/gradient before stopping
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -172,8 +186,56 @@ class TrainConfig:
         check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         check(self.eval_steps == 0 or bool(self.eval_data), "eval_steps > 0 needs eval_data")
         check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
-        if problems:
-            raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        problems.extend(self._fault_setting_problems())
+        non_finite = self._non_finite_fields()  # a NaN fails every comparison: say "finite" once, not also "> 0"
+        problems = [p for p in problems if p.split(" ", 1)[0] not in non_finite]
+        problems += [f"{name} must be a finite number, got {getattr(self, name)}" for name in non_finite]
+        if problems:  # one line for one problem; a list for several
+            raise ConfigError("invalid config: " + (problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems)))
+
+    def _fault_setting_problems(self) -> list[str]:
+        """Checks that make every setting fail here, before the model loads, rather than mid-run: reward
+        weights, thread counts, evaluation and LoRA ranges, trackers, and the fault-tolerance settings."""
+        problems = []
+        if self.reward_weights is not None:
+            bad = [w for w in self.reward_weights
+                   if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+            if bad:
+                problems.append(f"reward_weights must be finite numbers, got {self.reward_weights}")
+        rules = [
+            (self.torch_num_threads is None or self.torch_num_threads >= 1,
+             f"torch_num_threads must be >= 1 or null (null: torch's default), got {self.torch_num_threads}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1,
+             f"eval_max_new_tokens must be >= 1 or null, got {self.eval_max_new_tokens}"),
+            (self.num_completions_to_print >= 0,
+             f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}"),
+            (self.adam_epsilon > 0, f"adam_epsilon must be > 0, got {self.adam_epsilon}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (not self.save_merged_model or self.use_peft, "save_merged_model needs use_peft=true"),
+            (all(name in REPORT_TO for name in self.report_to),
+             f"report_to entries must be among {REPORT_TO}, got {self.report_to}"),
+            (0 <= self.max_skipped_prompt_fraction <= 1,
+             f"max_skipped_prompt_fraction must be in [0, 1], got {self.max_skipped_prompt_fraction}"),
+            (self.skipped_prompt_check_steps >= 1,
+             f"skipped_prompt_check_steps must be >= 1, got {self.skipped_prompt_check_steps}"),
+            (self.max_skipped_records >= 0, f"max_skipped_records must be >= 0, got {self.max_skipped_records}"),
+            (self.max_consecutive_nonfinite_steps >= 1,
+             f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}"),
+        ]
+        problems.extend(message for ok, message in rules if not ok and message)
+        return problems
+
+    def _non_finite_fields(self) -> list[str]:
+        """Float settings that are inf or NaN: none of them has a meaning for those."""
+        hints = get_type_hints(TrainConfig)
+        return [item.name for item in dataclasses.fields(self)
+                if float in (get_args(hints[item.name]) or (hints[item.name],))
+                and isinstance(getattr(self, item.name), float) and not math.isfinite(getattr(self, item.name))]
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -225,7 +287,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if not isinstance(loaded, dict):
@@ -239,7 +303,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from None
-    return config_from_dict(values, source=str(path) if path else "overrides")
+    source = " + ".join(([str(path)] if path is not None else []) + (["overrides"] if overrides else [])) or "config"
+    return config_from_dict(values, source=source)
 
 
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -257,7 +322,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
             problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
     if problems:
         raise ConfigError(f"{source}: bad value(s):\n  " + "\n  ".join(problems))
-    return TrainConfig(**coerced)
+    try:
+        return TrainConfig(**coerced)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _coerce(value: Any, hint: Any) -> Any:

@@ -6,11 +6,15 @@
   ``replace_directory``): a reader never sees a half-written model or checkpoint;
 * JSON Lines logs: whole lines appended and fsynced (``append_jsonl``), so a kill can only cut the last
   line; readers either name ``file:line`` of a damaged line (``iter_jsonl``) or drop a cut last line
-  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``).
+  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``);
+* a full disk: a write that fails because the device is full raises ``NoSpaceLeftError`` naming the
+  file or directory being written ("no space left on <path>"), and leaves what was there before intact
+  (``reporting_full_disk`` does the same for writes made by other libraries).
 """
 
 from __future__ import annotations
 
+import errno
 import io as _stdio
 import json
 import os
@@ -21,10 +25,64 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = [
-    "JsonlError", "append_jsonl", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
+    "JsonlError", "NoSpaceLeftError", "append_jsonl", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
+
+
+# ---- a full disk ---------------------------------------------------------------------------------
+
+#: Below this many free bytes a failed write is taken to be a full disk, when the library that wrote
+#: did not keep the ENOSPC errno (torch.save reports a failed write as a bare RuntimeError).
+NEARLY_FULL_BYTES = 16 * 1024 * 1024
+
+
+class NoSpaceLeftError(OSError):
+    """A write failed because the device holding ``path`` is full. ``str()`` is "no space left on <path>"
+    and then ``detail`` (what was not written, how to recover), when given."""
+
+    def __init__(self, path: str | Path, detail: str = "") -> None:
+        super().__init__(errno.ENOSPC, "no space left on device", str(path))
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"no space left on {self.filename}" + (f": {self.detail}" if self.detail else "")
+
+
+def disk_is_full(error: BaseException, directory: str | Path) -> bool:
+    """Whether ``error``, raised while writing into ``directory``, comes from a full device: an ENOSPC
+    (or EDQUOT: quota exceeded) in its chain of causes, or an I/O-like error (OSError, RuntimeError,
+    safetensors' SafetensorError) with almost no free space left on the device."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not (isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"):
+        return False
+    directory = Path(directory)
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return shutil.disk_usage(directory).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+@contextmanager
+def reporting_full_disk(path: str | Path) -> Iterator[None]:
+    """``with reporting_full_disk(target):`` a write inside that fails on a full device raises
+    ``NoSpaceLeftError(target)`` (from the original error); other errors pass unchanged."""
+    try:
+        yield
+    except NoSpaceLeftError:
+        raise
+    except Exception as error:
+        target = Path(path)
+        if disk_is_full(error, target if target.is_dir() else target.parent):
+            raise NoSpaceLeftError(target) from error
+        raise
 
 
 # ---- whole files ---------------------------------------------------------------------------------
@@ -33,17 +91,18 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as temp:
-            temp.write(data)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.chmod(temp_name, 0o644)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with reporting_full_disk(path):
+        handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as temp:
+                temp.write(data)
+                temp.flush()
+                os.fsync(temp.fileno())
+            os.chmod(temp_name, 0o644)
+            os.replace(temp_name, path)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -92,8 +151,9 @@ def building_directory(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        yield tmp
-        replace_directory(tmp, target)
+        with reporting_full_disk(target):
+            yield tmp
+            replace_directory(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -114,15 +174,16 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], handle=None) -> None:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     if not text:
         return
-    if handle is None:
-        with open(path, "a", encoding="utf-8") as own:
-            own.write(text)
-            own.flush()
-            os.fsync(own.fileno())
-        return
-    handle.write(text)
-    handle.flush()
-    os.fsync(handle.fileno())
+    with reporting_full_disk(path):
+        if handle is None:
+            with open(path, "a", encoding="utf-8") as own:
+                own.write(text)
+                own.flush()
+                os.fsync(own.fileno())
+            return
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:

@@ -81,14 +81,21 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
+    from echoink.grpo.run_dir import previous_run_entries
+
     console = console or Console()
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    # the demo owns out_dir/run: a second `make demo` replaces the previous demo run (and says so)
     config = load_config(config_path, [f"output_dir={out_dir / 'run'}",
                                        f"model_path={out_dir / 'model_warm'}",
                                        f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
                                        f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
                                        *(overrides or [])])
+    if Path(config.output_dir) == out_dir / "run" and previous_run_entries(config.output_dir):
+        config.overwrite_output_dir = True
+        console.print(f"[bold]{config.output_dir}[/bold] holds a previous demo run: this run replaces it "
+                      "(the data and models in the demo directory are reused)")
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
     prep = prepare_demo_inputs(out_dir, config, console, seed=config.seed)
