@@ -345,7 +345,6 @@ def test_11_other_write_errors_are_not_called_a_full_disk(accelerator, tmp_path)
     ("save_merged_model=true", "save_merged_model needs use_peft=true"),
     ("max_skipped_records=-1", "max_skipped_records must be >= 0, got -1"),
     ("max_skipped_prompt_fraction=1.5", "max_skipped_prompt_fraction must be in [0, 1], got 1.5"),
-    ("max_consecutive_nonfinite_steps=0", "max_consecutive_nonfinite_steps must be >= 1, got 0"),
 ])
 def test_16_settings_are_validated_at_config_time(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -392,3 +391,92 @@ def test_17_console_script_imports_a_reward_module_from_the_working_directory(tm
     bad = subprocess.run([*base, "reward_funcs=[accuracy,not_there:length]"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.startswith("error: reward 'not_there:length': cannot import module")
+
+
+# ---- the same faults through train() and the CLI (tiny model; the refusals come before it loads) ---------
+
+def _train_overrides(model_dir, data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"model_path={model_dir}", f"train_data={data}", f"output_dir={out}", "num_generations=2",
+            "max_completion_length=4", "per_device_train_batch_size=2", "shuffle_dataset=false", "beta=0.0",
+            "max_steps=1", *extra]
+
+
+def _train_json(dataset_dir: Path) -> Path:
+    return dataset_dir / "train" / "omni_rl_format_train.json"
+
+
+def test_1_and_11_cli_refusals_come_before_the_model_loads(tmp_path, mixed_dataset):
+    runner = CliRunner()
+    no_model = tmp_path / "no-model-here"                  # loading it would fail: the refusals must come first
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = runner.invoke(app, ["train", "--quiet", *_train_overrides(no_model, _train_json(mixed_dataset), run)])
+    assert _error_line(result) == (f"error: output_dir {run} already holds a run (metrics.jsonl); choose a new "
+                                   "output_dir, or pass overwrite_output_dir=true to delete that run first")
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    result = runner.invoke(app, ["train", "--quiet", "resume=true",
+                                 *_train_overrides(no_model, _train_json(mixed_dataset), run)])
+    assert "holds a run (metrics.jsonl) without a complete checkpoint" in _error_line(result)
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result = runner.invoke(app, ["train", "--quiet", *_train_overrides(no_model, _train_json(mixed_dataset), a_file)])
+    assert _error_line(result) == f"error: output_dir {a_file} is a file, not a directory; choose another output_dir"
+
+    fresh = tmp_path / "fresh"
+    for resume, expected in [(tmp_path / "missing", "no such checkpoint directory"),
+                             (mixed_dataset, f"not a complete checkpoint (no {STATE_FILE})")]:
+        result = runner.invoke(app, ["train", "--quiet", "--resume", str(resume),
+                                     *_train_overrides(no_model, _train_json(mixed_dataset), fresh)])
+        assert _error_line(result) == f"error: {resume}: {expected}"
+
+
+def test_5_all_prompts_over_max_prompt_length_stop_the_run(tmp_path, tiny_model_dir, mixed_dataset):
+    from echoink.grpo.trainer import train
+
+    config = load_config(None, _train_overrides(tiny_model_dir, _train_json(mixed_dataset), tmp_path / "run",
+                                                "max_prompt_length=5", "max_steps=8", "skipped_prompt_check_steps=2"))
+    with pytest.raises(SkipLimitError) as info:
+        train(config, progress=False)
+    message = str(info.value)
+    assert message.startswith("4 of the 4 prompts of the first 2 step(s) are longer than max_prompt_length=5")
+    assert "prompt lengths: min " in message
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_prompts"], r["num_groups"]) for r in rows] == [(1, 2.0, 0.0)]  # counted, logged
+
+
+def test_16_a_corrupt_image_mid_run_is_skipped_and_counted(tmp_path, tiny_model_dir, mixed_dataset, capfd):
+    from echoink.grpo.trainer import train
+
+    data = tmp_path / "data"
+    shutil.copytree(mixed_dataset, data)
+    broken = data / "train" / "images" / "sample_0.jpg"     # record 0: validation checks it exists, not that it decodes
+    broken.write_bytes(b"not a jpeg at all")
+    out = tmp_path / "run"
+    train(load_config(None, _train_overrides(tiny_model_dir, _train_json(data), out)), progress=False)
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["skipped_records"] == 1.0 and row["num_groups"] == 1.0
+    assert f"{broken}: cannot decode image" in capfd.readouterr().err
+
+    with pytest.raises(SkipLimitError, match="1 training records had media that cannot be decoded, more than "
+                                             "max_skipped_records=0"):
+        train(load_config(None, _train_overrides(tiny_model_dir, _train_json(data), tmp_path / "run0",
+                                                 "max_skipped_records=0")), progress=False)
+
+
+def test_2_and_3_resume_through_train(tmp_path, tiny_model_dir, mixed_dataset, capfd):
+    from echoink.grpo.trainer import train
+
+    out = tmp_path / "run"
+    base = _train_overrides(tiny_model_dir, _train_json(mixed_dataset), out, "save_steps=1", "seed=3")
+    train(load_config(None, [*base, "max_steps=2"]), progress=False)
+    weights = out / "checkpoint-2" / "trainer_state" / "optimizer.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capfd.readouterr()
+    train(load_config(None, [*base, "max_steps=3", "resume=true", "seed=4"]), progress=False)
+    err = " ".join(capfd.readouterr().err.split())
+    assert f"skipped checkpoint-2: {weights}: cannot be loaded" in err
+    assert f"resumed from {out / 'checkpoint-1'} at step 1" in err
+    assert "warning: resuming with settings that differ from the checkpoint's run: seed 3 -> 4" in err
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -107,7 +107,9 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path, tiny_mode
     # save_total_limit=1 kept only the newest checkpoint; checkpoints reload with load_thinker
     assert [p.name for p in checkpoint_dirs(straight)] == ["checkpoint-4"]
     if not sampling:
-        assert read_state(killed / "checkpoint-4") == {"step": 4, "seed": 11, "prompts_seen": 8}
+        assert read_state(killed / "checkpoint-4") == {"step": 4, "prompts_seen": 8, "seed": 11, "learning_rate": 1e-3,
+                                                      "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+                                                      "num_generations": 4, "num_processes": 1}
     else:  # at least one draw round per step; the resumed run continued from checkpoint-2's position
         state, rounds = read_state(killed / "checkpoint-4"), [r["sampling_rounds"] for r in _jsonl(killed / "metrics.jsonl")]
         assert state["data_position"] == sum(rounds) >= MAX_STEPS and state["prompts_seen"] == 2 * sum(rounds)

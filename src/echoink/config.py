@@ -125,7 +125,6 @@ class TrainConfig:
     max_skipped_prompt_fraction: float = 0.5  # stop if more of the prompts of the first steps are over max_prompt_length
     skipped_prompt_check_steps: int = 4  # ... over this many first steps
     max_skipped_records: int = 10  # records whose media fail to decode in training: skipped (named) up to this many
-    max_consecutive_nonfinite_steps: int = 3  # optimizer steps skipped for a non-finite loss/gradient before stopping
 
     def __post_init__(self) -> None:
         self.validate()
@@ -224,8 +223,6 @@ class TrainConfig:
             (self.skipped_prompt_check_steps >= 1,
              f"skipped_prompt_check_steps must be >= 1, got {self.skipped_prompt_check_steps}"),
             (self.max_skipped_records >= 0, f"max_skipped_records must be >= 0, got {self.max_skipped_records}"),
-            (self.max_consecutive_nonfinite_steps >= 1,
-             f"max_consecutive_nonfinite_steps must be >= 1, got {self.max_consecutive_nonfinite_steps}"),
         ]
         problems.extend(message for ok, message in rules if not ok and message)
         return problems

@@ -259,6 +259,14 @@ def check_micro_batches(accelerator, batches) -> None:
                                f"({[rank[index] for rank in everyone]}); ZeRO / FSDP need the same on every rank")
 
 
+def sum_over_processes(accelerator, values: list[float]) -> list[float]:
+    """Element-wise sum of `values` over every process (the same list on each; an all-reduce)."""
+    if accelerator.num_processes == 1:
+        return [float(v) for v in values]
+    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return accelerator.reduce(tensor, reduction="sum").tolist()
+
+
 def grad_norm_value(value) -> float:
     """accelerate's clip_grad_norm_ returns a tensor, a float (DeepSpeed) or None (before the first step)."""
     if value is None:

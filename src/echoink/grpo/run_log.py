@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from echoink.io import append_jsonl, truncate_jsonl_after
@@ -64,6 +65,11 @@ class RunLog:
     def note(self, message: str) -> None:
         if self.main:
             self.console.print(message, soft_wrap=True, highlight=False)  # one line, whatever the path length
+
+    def warn(self, message: str) -> None:
+        """A line the user must not miss (an inexact resume, changed settings)."""
+        if self.main:
+            self.console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True, highlight=False)
 
     def step(self, step: int, metrics: dict, groups: list[Group], reward_names: list[str], every: int = 1) -> None:
         metrics = self._average_over_ranks(metrics)

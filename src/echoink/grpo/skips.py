@@ -17,21 +17,16 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-
 from echoink.config import TrainConfig
+from echoink.grpo.distributed import sum_over_processes
 
 
 class SkipLimitError(ValueError):
     """Too much of the data was skipped to go on; the message says what and what to do."""
 
 
-def _sum_over_ranks(accelerator, values: list[float]) -> list[float]:
-    """Element-wise sum of `values` over every rank (the same list on each)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return list(values)
-    local = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)  # [K]
-    return accelerator.reduce(local, reduction="sum").tolist()
+def _sum_over_ranks(accelerator, value: int) -> int:
+    return value if accelerator is None else int(sum_over_processes(accelerator, [value])[0])
 
 
 class PromptSkips:
@@ -65,7 +60,7 @@ class PromptSkips:
         if self.steps_done >= self.check_steps:
             return local
         self.steps_done += 1
-        self.skipped += int(_sum_over_ranks(accelerator, [local])[0])
+        self.skipped += _sum_over_ranks(accelerator, local)
         if self.skipped > self.max_fraction * self.window:
             raise SkipLimitError(self._message(accelerator))
         return local
@@ -109,7 +104,7 @@ class RecordSkips:
         """
         local = self.step_skipped
         self.step_skipped = 0
-        step_total = int(_sum_over_ranks(accelerator, [local])[0])
+        step_total = _sum_over_ranks(accelerator, local)
         self.total += step_total
         if self.total > self.limit:
             last = f"; the last on this rank: {self.last_error}" if self.last_error else ""

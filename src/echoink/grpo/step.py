@@ -2,6 +2,7 @@
 
     collect(context, micro_batches) -> CollectedBatch      (no gradient; immutable result)
         rollouts     G completions per prompt (eval mode, KV cache, prefill once)        rollout.sample_group
+                     (over-long prompts, records with undecodable media: skipped, counted) skips
         rewards      [G, R] per group, weighted totals [B*G]                             scoring.score_group
         advantages   (r - group mean) / (group std + eps), exactly 0 for all-equal groups advantages.group_advantages
         counts       the step's sequences and masked tokens over every process            loss.StepCounts
@@ -19,6 +20,7 @@ losses by loss type.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -27,6 +29,7 @@ import torch
 from accelerate import Accelerator
 
 from echoink.config import TrainConfig
+from echoink.data.media import MediaError
 from echoink.grpo.advantages import group_advantages
 from echoink.grpo.distributed import (
     accumulation,
@@ -34,12 +37,14 @@ from echoink.grpo.distributed import (
     gathered_for_generation,
     grad_norm_value,
     is_deepspeed,
+    sum_over_processes,
 )
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
 from echoink.grpo.rollout import sample_group
 from echoink.grpo.sampling import StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
+from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step_metrics import step_metrics
 from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
 from echoink.model.generation import SamplingSettings
@@ -70,6 +75,8 @@ class StepContext:
     media_options: MediaOptions
     template: PromptTemplate
     model_dtype: torch.dtype
+    prompt_skips: PromptSkips        # prompts over max_prompt_length: counted; too many in the first steps stop
+    record_skips: RecordSkips        # records whose media fail to decode: skipped and named, up to a limit
     consecutive_nonfinite: int = 0   # the one piece of state that spans steps
 
 
@@ -111,6 +118,8 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
     t = time.perf_counter()
     draws = [_draw_micro_batch(context, prompts, m) for m in range(config.gradient_accumulation_steps)]
     rollout_seconds = time.perf_counter() - t
+    skipped_records = context.record_skips.end_step(accelerator)    # every rank stops alike past the limits
+    context.prompt_skips.end_step(accelerator)
     check_micro_batches(accelerator, [[record for record, _, _ in draw.kept] for draw in draws])
 
     scored = _advantages(context, [draw.kept for draw in draws])      # per micro-batch: [ScoredGroup]
@@ -122,6 +131,7 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
     informative_groups = sum(informative(g.rewards, context.rewards.weights) for g in groups)
     rolled_out = sum(draw.rolled_out for draw in draws)
     stats = {"skipped_prompts": float(sum(draw.skipped_prompts for draw in draws)),
+             "skipped_records": float(skipped_records),
              "informative_groups": float(informative_groups),
              "skipped_groups": float(sum(not g.trained for g in groups)),
              "sampling_rounds": float(sum(draw.rounds for draw in draws)),
@@ -161,9 +171,13 @@ def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
     with gathered_for_generation(accelerator, context.policy):
         for record in records:
             # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
-            prompt = encode_prompt(record, processor, context.media_options, context.template)
+            try:
+                prompt = encode_prompt(record, processor, context.media_options, context.template)
+            except MediaError as error:  # a file validation did not decode: skip it, naming the file
+                print(f"warning: {context.record_skips.skip(error)}", file=sys.stderr, flush=True)
+                continue
             prompt = prompt.to(accelerator.device, context.model_dtype)
-            if config.max_prompt_length and prompt.length > config.max_prompt_length:
+            if context.prompt_skips.too_long(prompt.length):
                 skipped += 1  # never truncate through media placeholders: skip and count
                 continue
             with _autocast(accelerator):
@@ -192,7 +206,7 @@ def _step_counts(context: StepContext, scored: list[list[ScoredGroup]]) -> StepC
     """Sequences and masked completion tokens of the step (skipped groups included), summed over processes."""
     groups = [g for batch in scored for g in batch]
     tokens = sum(float(_loss_mask(context.config, g).sum()) for g in groups)
-    sequences, tokens = _sum_over_processes(context.accelerator, [sum(g.size for g in groups), tokens])
+    sequences, tokens = sum_over_processes(context.accelerator, [sum(g.size for g in groups), tokens])
     return StepCounts(sequences=int(sequences), tokens=int(tokens), world_size=context.accelerator.num_processes,
                       micro_batches=context.config.gradient_accumulation_steps)
 
@@ -342,17 +356,10 @@ def _any_process(accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
-def _sum_over_processes(accelerator, values: list[float]) -> list[float]:
-    if accelerator.num_processes == 1:
-        return [float(v) for v in values]
-    tensor = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    return accelerator.reduce(tensor, reduction="sum").tolist()
-
-
 def _global_std(accelerator, values: torch.Tensor) -> float:
     """Unbiased std of `values` [N] pooled over every process (scale_rewards: batch, as TRL)."""
     v = values.double()
-    n, total, squares = _sum_over_processes(accelerator, [v.numel(), v.sum().item(), (v * v).sum().item()])
+    n, total, squares = sum_over_processes(accelerator, [v.numel(), v.sum().item(), (v * v).sum().item()])
     if n < 2:
         return 0.0
     return math.sqrt(max(0.0, (squares - total * total / n) / (n - 1)))

@@ -20,13 +20,22 @@ from transformers import get_scheduler
 from echoink.config import ConfigError, TrainConfig
 from echoink.data import load_dataset
 from echoink.grpo.batches import BatchPlan
-from echoink.grpo.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint, save_model_files
+from echoink.grpo.checkpoint import (
+    changed_settings,
+    choose_resume_checkpoint,
+    load_checkpoint_state,
+    run_settings,
+    save_checkpoint,
+    save_model_files,
+)
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
+from echoink.grpo.run_dir import check_output_dir, clear_previous_run
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
+from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step import StepContext, grpo_step
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
@@ -49,6 +58,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         raise ValueError("config: model_path is required")
     if not config.train_data:
         raise ValueError("config: train_data is required")
+    previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
     records = load_dataset(config.train_data)
     if config.eval_steps and evaluate is None:
         raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval."
@@ -60,8 +70,11 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     check_dataset_modalities(accelerator, records)
+    resume = choose_resume_checkpoint(config, resume_from, accelerator.num_processes)  # validated, not loaded yet
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
+    cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
+    accelerator.wait_for_everyone()
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
     log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
                  log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
@@ -69,6 +82,10 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     if config.beta > 0 and skips_zero_advantage_groups(config):
         log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
                  "their KL term is dropped (the gradient differs from not skipping by that term)")
+    for line in ([cleared] if cleared else []) + resume.notes:
+        log.note(line)
+    for line in resume.warnings:
+        log.warn(line)
 
     # --- 2. model, reference, optimizer ---
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
@@ -94,12 +111,17 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
     # --- 3. resume ---
     start_step, data_position = 0, 0  # data_position: draw rounds consumed (dynamic sampling only)
-    checkpoint = resume_from or config.resume_from_checkpoint or (latest_checkpoint(output_dir) if config.resume else None)
-    if checkpoint:
-        state = load_checkpoint_state(accelerator, checkpoint)
+    if resume.checkpoint:
+        state = load_checkpoint_state(accelerator, resume.checkpoint)
         start_step, data_position = state["step"], state.get("data_position", 0)
         log.truncate_after(start_step)  # steps logged after the checkpoint are about to be redone
-        log.note(f"resumed from {checkpoint} at step {start_step}")
+        log.note(f"resumed from {resume.checkpoint} at step {start_step}")
+        changed = changed_settings(resume.state, config, accelerator.num_processes)
+        if changed:
+            log.warn(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}; "
+                     "the rest of the run will not match an uninterrupted one")
+    elif config.resume:
+        log.note(f"resume=true: no checkpoint in {output_dir} yet; starting at step 0")
 
     plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
                      num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
@@ -114,7 +136,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
+                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
+                          prompt_skips=PromptSkips(config, plan.prompts_per_step), record_skips=RecordSkips(config))
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
@@ -129,7 +152,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
             result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
         log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
         if config.save_steps and (step + 1) % config.save_steps == 0:
-            state = {"step": step + 1, "seed": config.seed, "prompts_seen": (step + 1) * plan.prompts_per_step}
+            state = {"step": step + 1, "prompts_seen": (step + 1) * plan.prompts_per_step,
+                     **run_settings(config, accelerator.num_processes)}  # compared on resume
             if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
                 state.update(data_position=data_position,
                              prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
