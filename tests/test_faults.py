@@ -37,11 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _error_line(result) -> str:
-    """The CLI's stderr (CliRunner keeps it apart): exactly one line, starting with `error:`."""
+    """The CLI's stderr (CliRunner keeps it apart) ends with exactly one `error:` line (a run that started
+    has printed its progress lines before it); no traceback."""
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (result.exit_code, lines)
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(errors) == 1 and lines[-1] == errors[0], (result.exit_code, lines[-5:])
     assert "Traceback" not in result.output
-    return lines[0]
+    return errors[0]
 
 
 # ---- a real (small) accelerate checkpoint ------------------------------------------------------------
@@ -465,11 +467,13 @@ def test_16_a_corrupt_image_mid_run_is_skipped_and_counted(tmp_path, tiny_model_
                                                  "max_skipped_records=0")), progress=False)
 
 
+@pytest.mark.slow
 def test_2_and_3_resume_through_train(tmp_path, tiny_model_dir, mixed_dataset, capfd):
     from echoink.grpo.trainer import train
 
     out = tmp_path / "run"
-    base = _train_overrides(tiny_model_dir, _train_json(mixed_dataset), out, "save_steps=1", "seed=3")
+    base = _train_overrides(tiny_model_dir, _train_json(mixed_dataset), out, "save_steps=1", "seed=3",
+                            "per_device_train_batch_size=1")  # records 0, 1, 2: images (fast steps)
     train(load_config(None, [*base, "max_steps=2"]), progress=False)
     weights = out / "checkpoint-2" / "trainer_state" / "optimizer.bin"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -480,3 +484,56 @@ def test_2_and_3_resume_through_train(tmp_path, tiny_model_dir, mixed_dataset, c
     assert f"resumed from {out / 'checkpoint-1'} at step 1" in err
     assert "warning: resuming with settings that differ from the checkpoint's run: seed 3 -> 4" in err
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_11_full_disk_at_a_checkpoint_mid_run_is_one_line_and_resumable(tmp_path, tiny_model_dir, mixed_dataset,
+                                                                         monkeypatch):
+    import echoink.grpo.checkpoint as checkpoint_module
+
+    out = tmp_path / "run"
+    args = ["train", "--quiet", *_train_overrides(tiny_model_dir, _train_json(mixed_dataset), out, "save_steps=1",
+                                                  "max_steps=3", "per_device_train_batch_size=1")]
+    real_save = checkpoint_module._save_thinker_weights
+    calls = []
+
+    def fills_the_disk_on_the_second_save(thinker, state, directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(thinker, state, directory)
+
+    monkeypatch.setattr(checkpoint_module, "_save_thinker_weights", fills_the_disk_on_the_second_save)
+    result = CliRunner().invoke(app, args)
+    assert _error_line(result) == (f"error: no space left on {out}: checkpoint-2 not written; free space, then run "
+                                   "again with resume=true (it resumes from checkpoint-1)")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "completions.jsonl", "metrics.jsonl"]
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, [*args, "resume=true"])
+    assert result.exit_code == 0, result.output
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_11_full_disk_while_writing_eval_predictions(tmp_path, tiny_model_dir, mixed_dataset, monkeypatch, capsys):
+    import echoink.cli
+
+    predictions = tmp_path / "predictions.jsonl"
+    real_fsync, calls = os.fsync, []
+
+    def full_after_the_run_signature(fd):          # predictions.jsonl.run.json is written first, then the rows
+        calls.append(fd)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_after_the_run_signature)
+    monkeypatch.setattr(sys, "argv", ["echoink", "eval", "--model", str(tiny_model_dir), "--no-progress",
+                                      "--data", str(mixed_dataset / "valid" / "omni_rl_format_valid.json"),
+                                      "--out", str(predictions), "--max-new-tokens", "2", "--limit", "2"])
+    with pytest.raises(SystemExit) as info:
+        echoink.cli.main()
+    assert info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == (f"error: no space left on {predictions}: free space, then run the command again (an eval "
+                         "resumes its predictions file)")
