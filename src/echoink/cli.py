@@ -182,6 +182,7 @@ def train_command(
         typer.echo(describe_run(cfg, num_items, num_processes))
         return
     from echoink.eval import training_evaluator
+    from echoink.grpo.step import NonFiniteError
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
@@ -189,7 +190,7 @@ def train_command(
     try:
         final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
                       evaluate=training_evaluator(cfg))
-    except (DatasetError, ModelLoadError, RewardError, ConfigError, ValueError) as exc:
+    except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError) as exc:
         _fail(str(exc))
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
@@ -217,12 +218,13 @@ def demo_command(
     from echoink.config import ConfigError
     from echoink.data import DatasetError
     from echoink.demo import run_demo
+    from echoink.grpo.step import NonFiniteError
     from echoink.io import NoSpaceLeftError
     from echoink.model import ModelLoadError
 
     try:
         summary = run_demo(out, overrides=ctx.args)
-    except (ConfigError, DatasetError, ModelLoadError, ValueError) as exc:
+    except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError) as exc:
         _fail(f"{exc} (demo config: echoink/demo/demo_cpu.yaml; key=value arguments override it)"
               if isinstance(exc, ConfigError) else str(exc))
     except NoSpaceLeftError as exc:
