@@ -252,11 +252,12 @@ def check_micro_batches(accelerator, batches) -> None:
     for index in range(len(local)):
         sizes = {len(rank[index]) for rank in everyone}
         if 0 in sizes and len(sizes) > 1:
-            raise RuntimeError(f"micro-batch {index}: some ranks have no prompt left (all skipped by "
-                               "max_prompt_length) while others do; raise max_prompt_length")
+            raise ValueError(f"micro-batch {index}: some ranks have no prompt left (all skipped: over "
+                             "max_prompt_length, or media that cannot be decoded) while others do; raise "
+                             "max_prompt_length or fix the media (echoink data validate --check-media)")
         if needs_same_graph(accelerator) and len({tuple(rank[index]) for rank in everyone}) > 1:
-            raise RuntimeError(f"micro-batch {index}: the ranks' prompts use different media "
-                               f"({[rank[index] for rank in everyone]}); ZeRO / FSDP need the same on every rank")
+            raise ValueError(f"micro-batch {index}: the ranks' prompts use different media "
+                             f"({[rank[index] for rank in everyone]}); ZeRO / FSDP need the same on every rank")
 
 
 def sum_over_processes(accelerator, values: list[float]) -> list[float]:
