@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from accelerate import Accelerator
@@ -75,9 +75,15 @@ class StepContext:
     media_options: MediaOptions
     template: PromptTemplate
     model_dtype: torch.dtype
-    prompt_skips: PromptSkips        # prompts over max_prompt_length: counted; too many in the first steps stop
-    record_skips: RecordSkips        # records whose media fail to decode: skipped and named, up to a limit
-    consecutive_nonfinite: int = 0   # the one piece of state that spans steps
+    consecutive_nonfinite: int = 0   # state that spans steps: this, and the two skip counters below
+    prompt_skips: PromptSkips = field(init=False)  # prompts over max_prompt_length; too many early on stop the run
+    record_skips: RecordSkips = field(init=False)  # records whose media fail to decode: named, up to a limit
+
+    def __post_init__(self) -> None:
+        prompts_per_step = (self.config.per_device_train_batch_size * self.accelerator.num_processes
+                            * self.config.gradient_accumulation_steps)
+        self.prompt_skips = PromptSkips(self.config, prompts_per_step)
+        self.record_skips = RecordSkips(self.config)
 
 
 @dataclass(frozen=True)

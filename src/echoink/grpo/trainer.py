@@ -35,7 +35,6 @@ from echoink.grpo.run_dir import check_output_dir, clear_previous_run
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
-from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step import StepContext, grpo_step
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
@@ -136,8 +135,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
-                          prompt_skips=PromptSkips(config, plan.prompts_per_step), record_skips=RecordSkips(config))
+                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
