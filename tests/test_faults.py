@@ -317,6 +317,11 @@ def test_11_full_disk_while_writing_a_checkpoint_keeps_the_previous_one(accelera
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 ** 9, 10 ** 9 - 100, 100))
     with pytest.raises(NoSpaceLeftError) as info:
         save_checkpoint(accelerator, full_disk_save, out, 2, {"step": 2})
+    (out / "checkpoint-1").rename(out / "checkpoint-1.moved")          # the message looks for checkpoints
+    with pytest.raises(NoSpaceLeftError, match="no checkpoint to resume from; free space, then start again with "
+                                               "overwrite_output_dir=true"):
+        save_checkpoint(accelerator, full_disk_save, out, 2, {"step": 2})
+    (out / "checkpoint-1.moved").rename(out / "checkpoint-1")
     monkeypatch.undo()
     assert str(info.value) == (f"no space left on {out}: checkpoint-2 not written; free space, then run again with "
                                "resume=true (it resumes from checkpoint-1)")
@@ -537,3 +542,22 @@ def test_11_full_disk_while_writing_eval_predictions(tmp_path, tiny_model_dir, m
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == (f"error: no space left on {predictions}: free space, then run the command again (an eval "
                          "resumes its predictions file)")
+
+
+def test_11_full_disk_while_writing_the_final_model(tmp_path, tiny_model_dir, mixed_dataset, monkeypatch):
+    import echoink.grpo.checkpoint as checkpoint_module
+    from echoink.grpo.trainer import train
+
+    def full(thinker, state, directory):
+        (Path(directory) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "_save_thinker_weights", full)
+    out = tmp_path / "run"
+    with pytest.raises(NoSpaceLeftError) as info:
+        train(load_config(None, _train_overrides(tiny_model_dir, _train_json(mixed_dataset), out,
+                                                 "per_device_train_batch_size=1")), progress=False)
+    assert str(info.value) == (f"no space left on {out / 'final'}: the model not written and no checkpoint to resume "
+                               "from; free space, then start again with overwrite_output_dir=true (and save_steps > 0 "
+                               "to make a long run resumable)")
+    assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl"]  # no half-written model

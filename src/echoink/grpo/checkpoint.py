@@ -264,10 +264,7 @@ def save_checkpoint(accelerator, save_model, output_dir: str | Path, step: int, 
                 replace_directory(tmp, final)
     except NoSpaceLeftError as exc:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint is untouched
-        previous = [p.name for p in checkpoint_dirs(output_dir)]
-        raise NoSpaceLeftError(output_dir, f"{final.name} not written; free space, then run again with resume=true"
-                               + (f" (it resumes from {previous[-1]})" if previous else " (no earlier checkpoint)")
-                               ) from exc
+        raise NoSpaceLeftError(output_dir, _not_written(final.name, output_dir)) from exc
     if accelerator.is_main_process and save_total_limit:
         for old in checkpoint_dirs(output_dir)[:-save_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -313,12 +310,22 @@ def save_model_files(accelerator, policy, processor, directory: str | Path, peft
                 save_processor(processor, tmp)
                 if atomic:
                     replace_directory(tmp, target)
-        except NoSpaceLeftError:
-            if atomic:
-                shutil.rmtree(tmp, ignore_errors=True)  # the space back; an earlier model at `target` is untouched
-            raise
+        except NoSpaceLeftError as exc:
+            if not atomic:
+                raise  # inside a checkpoint: save_checkpoint says what was lost
+            shutil.rmtree(tmp, ignore_errors=True)  # the space back; an earlier model at `target` is untouched
+            raise NoSpaceLeftError(target, _not_written("the model", target.parent)) from exc
     accelerator.wait_for_everyone()
     return target
+
+
+def _not_written(what: str, output_dir: Path) -> str:
+    """What a full disk cost and how the run goes on (the newest checkpoint, if any)."""
+    previous = [p.name for p in checkpoint_dirs(output_dir)]
+    if previous:
+        return f"{what} not written; free space, then run again with resume=true (it resumes from {previous[-1]})"
+    return (f"{what} not written and no checkpoint to resume from; free space, then start again with "
+            "overwrite_output_dir=true (and save_steps > 0 to make a long run resumable)")
 
 
 def _save_thinker_weights(thinker, state: dict, directory: Path) -> None:
