@@ -147,6 +147,8 @@ def test_3_resume_falls_back_past_a_corrupt_newest_checkpoint(accelerator, tmp_p
     (lambda c: (c / STATE_FILE).write_text("{}"), f'{STATE_FILE}: "step" must be a non-negative integer, got None'),
     (lambda c: (c / STATE_FILE).write_text('{"step": "2"}'), f"{STATE_FILE}: \"step\" must be a non-negative integer, got '2'"),
     (lambda c: (c / STATE_FILE).write_text('[2]'), f"{STATE_FILE}: expected a JSON object, got list"),
+    (lambda c: (c / STATE_FILE).write_text('{"step": 2, "data_position": 1.5}'),
+     f'{STATE_FILE}: "data_position" must be a non-negative integer, got 1.5'),
     (lambda c: (c / STATE_FILE).write_bytes(b'{"step": \xff}'), f"{STATE_FILE}: not valid JSON"),
     (lambda c: (c / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors: unreadable safetensors file"),
 ])
@@ -236,6 +238,11 @@ def test_5_a_few_long_prompts_are_only_counted():
         assert [skips.too_long(n) for n in (10, 20, 30, 99)] == [False, False, False, True]
         assert skips.end_step() == 1
     assert not PromptSkips(TrainConfig(max_prompt_length=None), 1).too_long(10 ** 6)
+    # dynamic sampling draws more rounds than planned: the share is of the prompts seen, not of the plan
+    skips = PromptSkips(TrainConfig(max_prompt_length=50, skipped_prompt_check_steps=2), prompts_per_step=4)
+    for _ in range(2):
+        assert sum(skips.too_long(n) for n in [99] * 3 + [10] * 7) == 3   # 3 of 10 (planned 4): 30%
+        assert skips.end_step() == 3
 
 
 # ---- 9. non-finite numbers --------------------------------------------------------------------------

@@ -91,10 +91,11 @@ def read_state(checkpoint: str | Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(f"{path}: \"step\" must be a non-negative integer, got {step!r}; "
-                              "the checkpoint is damaged")
+    for key in ("step", "data_position"):  # data_position: dynamic sampling's draw rounds (optional)
+        value = state.get(key, 0 if key == "data_position" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path}: \"{key}\" must be a non-negative integer, got {value!r}; "
+                                  "the checkpoint is damaged")
     return state
 
 

@@ -5,6 +5,8 @@
   but still counts as a step. Over the first `skipped_prompt_check_steps` steps, once more than
   `max_skipped_prompt_fraction` of their prompts are skipped — as soon as that is certain — the run
   stops with the prompt-length statistics, instead of "training" on almost nothing and exiting 0.
+  "Certain": skipped > fraction x (prompts seen + prompts_per_step x checked steps still to come), i.e.
+  even if every prompt still to come fits (dynamic sampling may draw more than prompts_per_step).
 * `RecordSkips`: a record whose media fail to decode during training (a file `echoink data validate`
   only decodes with `--check-media`) is skipped with its file named and counted (`skipped_records`); one
   more than `max_skipped_records` stops the run.
@@ -25,10 +27,6 @@ class SkipLimitError(ValueError):
     """Too much of the data was skipped to go on; the message says what and what to do."""
 
 
-def _sum_over_ranks(accelerator, value: int) -> int:
-    return value if accelerator is None else int(sum_over_processes(accelerator, [value])[0])
-
-
 class PromptSkips:
     """Counts prompts over `max_prompt_length`; stops the run when the first steps skip too many."""
 
@@ -36,10 +34,10 @@ class PromptSkips:
         self.max_length = config.max_prompt_length
         self.max_fraction = config.max_skipped_prompt_fraction
         self.check_steps = config.skipped_prompt_check_steps
-        self.window = self.check_steps * prompts_per_step  # prompts (over all ranks) in the checked steps
+        self.prompts_per_step = prompts_per_step  # over every rank (the fewest a step draws)
         self.steps_done = 0
-        self.step_skipped = 0
-        self.skipped = 0       # over every rank, in the checked steps
+        self.step_skipped = self.step_seen = 0   # this rank, this step
+        self.skipped = self.seen = 0             # over every rank, in the checked steps
         self.lengths: list[int] = []  # this rank's prompt lengths in the checked steps
 
     def too_long(self, length: int) -> bool:
@@ -48,6 +46,7 @@ class PromptSkips:
             self.lengths.append(int(length))
         skip = bool(self.max_length) and length > self.max_length
         self.step_skipped += skip
+        self.step_seen += 1
         return skip
 
     def end_step(self, accelerator=None) -> int:
@@ -55,13 +54,15 @@ class PromptSkips:
 
         Raises SkipLimitError on every rank once the checked steps must skip more than the allowed share.
         """
-        local = self.step_skipped
-        self.step_skipped = 0
+        local, seen = self.step_skipped, self.step_seen
+        self.step_skipped = self.step_seen = 0
         if self.steps_done >= self.check_steps:
             return local
         self.steps_done += 1
-        self.skipped += _sum_over_ranks(accelerator, local)
-        if self.skipped > self.max_fraction * self.window:
+        skipped, seen = sum_over_processes(accelerator, [local, seen]) if accelerator is not None else (local, seen)
+        self.skipped, self.seen = self.skipped + int(skipped), self.seen + int(seen)
+        still_to_come = (self.check_steps - self.steps_done) * self.prompts_per_step
+        if self.skipped > self.max_fraction * (self.seen + still_to_come):
             raise SkipLimitError(self._message(accelerator))
         return local
 
@@ -104,7 +105,7 @@ class RecordSkips:
         """
         local = self.step_skipped
         self.step_skipped = 0
-        step_total = _sum_over_ranks(accelerator, local)
+        step_total = local if accelerator is None else int(sum_over_processes(accelerator, [local])[0])
         self.total += step_total
         if self.total > self.limit:
             last = f"; the last on this rank: {self.last_error}" if self.last_error else ""
