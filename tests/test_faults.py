@@ -568,3 +568,24 @@ def test_11_full_disk_while_writing_the_final_model(tmp_path, tiny_model_dir, mi
                                "from; free space, then start again with overwrite_output_dir=true (and save_steps > 0 "
                                "to make a long run resumable)")
     assert sorted(p.name for p in out.iterdir()) == ["completions.jsonl", "metrics.jsonl"]  # no half-written model
+
+
+@pytest.mark.slow
+def test_1_the_demo_run_twice_replaces_its_own_previous_run(tmp_path, tiny_model_dir, capfd):
+    from rich.console import Console
+
+    from echoink.data.synth import write_synthetic_dataset
+    from echoink.demo import DEMO_FAMILIES, run_demo
+
+    out = tmp_path / "demo"           # data and a "warmed" model already there: the demo reuses them
+    write_synthetic_dataset(out / "data", 8, 4, seed=0, families=list(DEMO_FAMILIES), shuffle_options=False)
+    shutil.copytree(tiny_model_dir, out / "model_warm")
+    overrides = ["max_steps=1", "eval_steps=0", "per_device_train_batch_size=2", "num_generations=2",
+                 "max_completion_length=4"]
+    console = Console(record=True, width=300)
+    run_demo(out, overrides=overrides, console=console)
+    assert "previous demo run" not in console.export_text(clear=False)
+    run_demo(out, overrides=overrides, console=console)
+    assert f"{out / 'run'} holds a previous demo run: this run replaces it" in console.export_text()
+    assert f"overwrite_output_dir=true: deleted the previous run in {out / 'run'}" in capfd.readouterr().err
+    assert [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
