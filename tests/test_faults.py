@@ -278,6 +278,11 @@ def test_11_non_utf8_config_file(tmp_path):
     assert _error_line(result) == f"error: {config}: not UTF-8 text (byte 15); save the config as UTF-8"
 
 
+def test_16_dry_run_checks_the_prompt_template_too():
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--num-items", "4", "prompt_template={instructoin: x}"])
+    assert "unknown prompt setting(s) ['instructoin']" in _error_line(result)
+
+
 def test_11_torch_num_threads_minus_one():
     result = CliRunner().invoke(app, ["train", "--dry-run", "--num-items", "4", "torch_num_threads=-1"])
     assert _error_line(result) == ("error: overrides: invalid config: torch_num_threads must be >= 1 or null "

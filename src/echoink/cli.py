@@ -167,11 +167,13 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.prompts import PromptTemplate
         from echoink.rewards import resolve_rewards
 
-        try:
-            resolve_rewards(cfg.reward_funcs)  # a reward that cannot be imported fails here, not after the model loads
-        except ValueError as exc:
+        try:  # what train() checks before the model loads, minus the data: a bad reward or template fails here
+            resolve_rewards(cfg.reward_funcs)
+            PromptTemplate.from_dict(cfg.prompt_template)
+        except (TypeError, ValueError) as exc:
             _fail(str(exc))
 
         if num_items is None:
