@@ -145,7 +145,8 @@ def _prepare(out: Path, warm_steps: int) -> tuple[Path, Path, Path]:
         config = load_config(DEMO_CONFIG, [f"output_dir={base / 'run'}", f"model_path={base / 'model_warm'}",
                                            f"train_data={base / 'data/train/omni_rl_format_train.json'}",
                                            f"eval_data={base / 'data/valid/omni_rl_format_valid.json'}",
-                                           f"max_steps={warm_steps}", "eval_steps=0"])
+                                           f"max_steps={warm_steps}", "eval_steps=0",
+                                           "overwrite_output_dir=true"])  # an unfinished warm-up run is redone
         prepare_demo_inputs(base, config)
         train(config, progress=False)
     return warm, mix / "train" / "omni_rl_format_train.json", mix / "valid" / "omni_rl_format_valid.json"
