@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
-# The language model's linear layers (the default LoRA targets).
-LANGUAGE_MODEL_LINEARS = r".*language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-ENCODER_LINEARS = {
-    "vision": r"|.*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
-    "audio": r"|.*audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
-}
+from echoink.model.families import UnsupportedModelError, family_of_model
+
+#: The words `lora_target_modules` may use instead of module-name suffixes.
+LORA_TARGET_WORDS = ("language_model", "vision", "audio", "experts")
 
 
 def apply_freezing(thinker: nn.Module, freeze_vision: bool, freeze_audio: bool) -> None:
@@ -20,26 +20,44 @@ def apply_freezing(thinker: nn.Module, freeze_vision: bool, freeze_audio: bool) 
         thinker.model.audio_tower.requires_grad_(False)
 
 
+def lora_targets(thinker: nn.Module, targets: list | None) -> tuple[list[str], list[str]]:
+    """-> (peft `target_modules`, peft `target_parameters`) for `lora_target_modules` on this thinker's family.
+
+    None: the family's default — the language model's linear layers (Qwen2.5-Omni: attention and MLP;
+    Qwen3-Omni: attention only, its experts being fused 3-D parameters). The words "language_model",
+    "vision", "audio" pick the family's linear layers of those parts; "experts" adds the MoE experts'
+    fused parameters through PEFT's parameter targeting (merged like any LoRA). Anything else is a
+    list of module-name suffixes, passed to PEFT as is.
+
+    The family's patterns are resolved here to the full names of the modules they match: PEFT rewrites
+    a regex into bare leaf names for MoE models (to map transformers 4 expert names), which would also
+    catch the encoders' `q_proj`/`k_proj`/`v_proj`.
+    """
+    family = family_of_model(thinker)
+    if targets and not set(targets) <= set(LORA_TARGET_WORDS):
+        return list(targets), []
+    words = targets or ["language_model"]
+    patterns = [re.compile(family.lora_linears[word]) for word in ("language_model", "vision", "audio") if word in words]
+    modules = [name for name, _ in thinker.named_modules() if any(p.fullmatch(name) for p in patterns)]
+    parameters: list[str] = []
+    if "experts" in words:
+        if family.lora_expert_parameters is None:
+            raise UnsupportedModelError(f"lora_target_modules: {family.display_name} has no mixture-of-experts "
+                                        "layers (drop 'experts')")
+        parameters = list(family.lora_expert_parameters)
+    return modules, parameters
+
+
 def wrap_lora(thinker: nn.Module, config):
     """Inject LoRA adapters (peft) into `thinker` in place; returns the PeftModel.
 
-    Targets: `lora_target_modules` if set — a list of module-name suffixes, or the words
-    "language_model", "vision", "audio" — else the language model's linear layers.
+    Targets: `lora_target_modules` (see `lora_targets`), else the family's default.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = config.lora_target_modules
-    if not targets:
-        target_modules = LANGUAGE_MODEL_LINEARS
-    elif set(targets) <= {"language_model", "vision", "audio"}:
-        target_modules = LANGUAGE_MODEL_LINEARS if "language_model" in targets else r"(?!)"
-        for name in ("vision", "audio"):
-            if name in targets:
-                target_modules += ENCODER_LINEARS[name]
-    else:
-        target_modules = list(targets)
+    target_modules, target_parameters = lora_targets(thinker, config.lora_target_modules)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=target_modules, bias="none")
+                      target_modules=target_modules, target_parameters=target_parameters or None, bias="none")
     return get_peft_model(thinker, lora)
 
 
