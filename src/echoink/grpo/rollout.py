@@ -14,6 +14,9 @@ Two exact paths, chosen by `share_prefill`:
 `SamplingSettings.min_new_tokens` suppresses EOS before that many tokens, in both paths (the
 benchmark uses it to make every completion exactly C tokens long).
 
+Prefill sharing is a family capability (`require_group_sharing`): Qwen3-Omni is refused until the
+shared path carries its deepstack visual features.
+
 Placeholder and boundary tokens (`<|AUDIO|>`, `<|IMAGE|>`, `<|VIDEO|>`, their bos/eos) are never
 sampled: a sampled placeholder would make the training forward fail.
 """
@@ -33,6 +36,7 @@ from transformers.generation.logits_process import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from echoink.grpo.types import Group
+from echoink.model.families import family_of_model
 from echoink.model.inputs import PromptInputs
 from echoink.model.generation import (
     SamplingSettings,
@@ -55,12 +59,13 @@ def sample_group(model, prompt: PromptInputs, sampling: SamplingSettings, tokeni
     eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
     suppress = media_token_ids(tokenizer)
     if share_prefill:
+        family_of_model(model).require_group_sharing("full")
         ids = _sample_shared_prefill(model, prompt, sampling, eos_id, pad_id, suppress)
     else:
         ids = _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress)
     mask, truncated = completion_mask(ids, eos_id)
     ids = ids.masked_fill(mask == 0, pad_id)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = [prompt.generation_prefix + text for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return Group(prompt=prompt, completion_ids=ids, completion_mask=mask, texts=texts, truncated=truncated)
 
 

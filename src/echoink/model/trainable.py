@@ -1,4 +1,6 @@
-"""What trains: freezing switches for the encoders, LoRA adapters (wrap and merge)."""
+"""What trains: freezing switches for the encoders, LoRA adapters (wrap and merge), and the family's
+training settings (`prepare_for_training`: unsupported group sharing refused, the MoE router's
+auxiliary-loss weight)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,45 @@ from echoink.model.families import UnsupportedModelError, family_of_model
 
 #: The words `lora_target_modules` may use instead of module-name suffixes.
 LORA_TARGET_WORDS = ("language_model", "vision", "audio", "experts")
+
+
+#: Attribute of a thinker holding the weight of its router's auxiliary loss in each policy forward (0: off).
+ROUTER_AUX_LOSS_WEIGHT = "echoink_router_aux_loss_weight"
+#: Attribute of a thinker holding the router aux-loss values of the policy forwards since the last log.
+ROUTER_AUX_LOSS_VALUES = "echoink_router_aux_loss_values"
+
+
+def prepare_for_training(thinker: nn.Module, config) -> None:
+    """Family checks and settings for a training run, before any work starts.
+
+    Refuses a `group_sharing` the family does not support yet; sets the weight of the MoE router's
+    load-balancing loss (`router_aux_loss_coef`, refused for a dense model). The weight is
+    coef / gradient_accumulation_steps per policy forward, so that each update minimises
+    policy loss + coef x (mean aux loss over its micro-batches), the policy loss being averaged too.
+    """
+    family = family_of_model(thinker)
+    family.require_group_sharing(config.group_sharing)
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    if coef > 0 and not family.mixture_of_experts:
+        raise UnsupportedModelError(f"router_aux_loss_coef={coef}: {family.display_name} has no mixture-of-experts "
+                                    "router; set router_aux_loss_coef: 0")
+    setattr(thinker, ROUTER_AUX_LOSS_WEIGHT, coef / config.gradient_accumulation_steps)
+
+
+def router_aux_loss_weight(thinker: nn.Module) -> float:
+    """The router aux-loss weight set by `prepare_for_training` (0 when unset: never outside training)."""
+    return float(getattr(thinker, ROUTER_AUX_LOSS_WEIGHT, 0.0))
+
+
+def record_router_aux_loss(thinker: nn.Module, value: float) -> None:
+    """Keep one policy forward's router aux-loss value until the step's metrics take it."""
+    vars(thinker).setdefault(ROUTER_AUX_LOSS_VALUES, []).append(value)
+
+
+def router_aux_loss_metrics(thinker: nn.Module) -> dict[str, float]:
+    """{"router_aux_loss": mean of the values recorded since the last call} ({} when it is off); clears them."""
+    values = vars(thinker).pop(ROUTER_AUX_LOSS_VALUES, [])
+    return {"router_aux_loss": sum(values) / len(values)} if values else {}
 
 
 def apply_freezing(thinker: nn.Module, freeze_vision: bool, freeze_audio: bool) -> None:
