@@ -106,3 +106,22 @@ def test_qwen3_eval_batch_six_equals_batch_one(qwen3_model_dir, mixed_dataset, t
         evaluate_loaded(model, processor, records, out_path=out, batch_size=batch_size, max_new_tokens=8)
         rows[batch_size] = {r["problem_id"]: (r["reply"], r["reply_tokens"]) for r in _rows(out)}
     assert len(rows[1]) == len(records) and rows[6] == rows[1]
+
+
+@pytest.mark.parametrize("name", ["qwen3_omni_30b_a3b_lora.yaml", "qwen3_omni_30b_a3b_full_zero3.yaml"])
+def test_qwen3_recipes_validate_and_use_gspo(name):
+    from pathlib import Path
+
+    from echoink.config import describe_run
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    config = load_config(path)
+    assert "Qwen3-Omni-30B-A3B" in config.model_path and config.group_sharing == "none"
+    assert config.importance_sampling_level == "sequence" and config.num_iterations > 1  # GSPO, mu > 1
+    assert config.epsilon < 0.01 and config.epsilon_high < 0.01 and config.router_aux_loss_coef == 0
+    assert config.use_peft == ("lora" in name)
+    text = describe_run(config, 4490, 8)
+    assert "prompts_per_step: 8" in text and "completions_per_step: 128" in text and "total_steps: 562" in text
+    launch = next(line for line in path.read_text().splitlines() if line.startswith("# Launch:"))
+    accelerate_file = Path(__file__).resolve().parents[1] / launch.split("--config_file ")[1].split()[0]
+    assert accelerate_file.is_file()
