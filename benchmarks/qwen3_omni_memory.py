@@ -136,7 +136,7 @@ def main() -> None:
         ratio = f"{lora / full:6.2f}x" if full else ""
         print(f"  {name:<62} {full:15.1f} {lora:10.1f} {ratio:>7}")
     for name, value in activation_bytes(args.generations, args.prompt, args.completion).items():
-        print(f"  (activations) {name:<38} {value / GiB:15.1f}")
+        print(f"  (activations) {name:<48} {value / GiB:15.1f}")
 
 
 if __name__ == "__main__":
