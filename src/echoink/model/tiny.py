@@ -249,7 +249,11 @@ def _write_full_layout(model, out_dir: Path, seed: int) -> None:
     tensors["talker.model.embed_tokens.weight"] = torch.randn(64, 32, generator=generator)
     tensors["talker.codec_head.weight"] = torch.randn(64, 32, generator=generator)
     tensors["token2wav.code2wav_dit_model.input_embed.proj.weight"] = torch.randn(16, 16, generator=generator)
-    # Two shards + an index, like the published checkpoint.
+    write_published_shards(tensors, out_dir)
+
+
+def write_published_shards(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Two safetensors shards + model.safetensors.index.json, like a published checkpoint."""
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from echoink.io import building_directory
 from echoink.model.families.qwen3_omni import FAMILY, Qwen3OmniProcessor
 from echoink.model.processor import save_processor
-from echoink.model.tiny import build_tokenizer
+from echoink.model.tiny import TinySpec, build_tokenizer, write_published_shards
 from echoink.model.video_processor import NumpyQwenVideoProcessor
 
 # Qwen3-Omni's special tokens in the published order (151643 <|endoftext|> ... 151675 <|audio_pad|> there,
@@ -76,31 +75,21 @@ def chat_template(generation_prefix: str = "") -> str:
 
 
 @dataclass(frozen=True)
-class TinyQwen3Spec:
-    """Shape of a tiny Qwen3-Omni thinker. Both encoders' output width equals `text_hidden`."""
+class TinyQwen3Spec(TinySpec):
+    """A tiny thinker's shape (`TinySpec`) plus the mixture of experts and the deepstack layers."""
 
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
+    vision_layers: int = 2
     moe_intermediate: int = 64
     experts: int = 8
     experts_per_token: int = 2
-    audio_d_model: int = 64
-    audio_layers: int = 1
-    audio_heads: int = 2
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 2
     deepstack_layers: tuple[int, ...] = (0,)
-    bpe_vocab: int = 1000
 
 
 SPECS = {
     "tiny": TinyQwen3Spec(),
-    "bench": TinyQwen3Spec(text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=2, moe_intermediate=256,
-                           experts=16, audio_d_model=128, audio_layers=4, audio_heads=4, vision_hidden=128,
-                           vision_layers=4, vision_heads=4, deepstack_layers=(1,)),
+    "bench": TinyQwen3Spec(text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=2, text_intermediate=1024,
+                           moe_intermediate=256, experts=16, audio_d_model=128, audio_layers=4, audio_heads=4,
+                           vision_hidden=128, vision_layers=4, vision_heads=4, deepstack_layers=(1,)),
 }
 
 
@@ -139,7 +128,7 @@ def thinker_config(tokenizer, spec: TinyQwen3Spec = SPECS["tiny"]):
             "in_channels": 3,
         },
         text_config={
-            "vocab_size": vocab_size, "hidden_size": spec.text_hidden, "intermediate_size": 2 * spec.text_hidden,
+            "vocab_size": vocab_size, "hidden_size": spec.text_hidden, "intermediate_size": spec.text_intermediate,
             "num_hidden_layers": spec.text_layers, "num_attention_heads": spec.text_heads,
             "num_key_value_heads": spec.text_kv_heads, "head_dim": head_dim, "max_position_embeddings": 32768,
             "moe_intermediate_size": spec.moe_intermediate, "num_experts": spec.experts,
@@ -227,13 +216,4 @@ def _write_full_layout(model, out_dir: Path, seed: int) -> None:
     tensors["talker.model.codec_embedding.weight"] = torch.randn(64, 32, generator=generator)
     tensors["talker.codec_head.weight"] = torch.randn(64, 32, generator=generator)
     tensors["code2wav.pre_transformer.layers.0.mlp.down_proj.weight"] = torch.randn(16, 16, generator=generator)
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    weight_map = {}
-    for shard, keys in shards.items():
-        save_file({k: tensors[k] for k in keys}, str(out_dir / shard), metadata={"format": "pt"})
-        weight_map.update({k: shard for k in keys})
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-             "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_published_shards(tensors, out_dir)
