@@ -294,8 +294,7 @@ def test_qwen3_expert_lora_trains_and_merges(qwen3_model_dir, mixed_dataset):
 
 
 def test_router_aux_loss_is_off_by_default_and_adds_its_gradient_when_on(family_dirs, mixed_dataset):
-    from echoink.grpo.step_metrics import step_metrics
-    from echoink.grpo.scoring import RewardSet
+    from echoink.model.trainable import router_aux_loss_metrics
 
     name, thinker_dir, _ = family_dirs
     family = family_by_name(name)
@@ -313,14 +312,14 @@ def test_router_aux_loss_is_off_by_default_and_adds_its_gradient_when_on(family_
         prepare_for_training(model, TrainConfig(group_sharing="none", router_aux_loss_coef=coef,
                                                 gradient_accumulation_steps=2))
         model.zero_grad()
-        group.router_aux_loss = None
         (group_token_logps(model, [group], "none")[0] * group.completion_mask).sum().backward()
         return torch.cat([layer.mlp.gate.weight.grad.flatten() for layer in model.model.language_model.layers])
 
     off = router_grads(0.0)
-    assert group.router_aux_loss is None
+    assert router_aux_loss_metrics(model) == {}  # off: nothing computed, nothing logged
     on = router_grads(0.5)
-    assert group.router_aux_loss is not None and group.router_aux_loss > 0
+    logged = router_aux_loss_metrics(model)["router_aux_loss"]
+    assert logged > 0 and router_aux_loss_metrics(model) == {}  # taken once per step
     # expected: the gradient of 0.5 / 2 (accumulation) x transformers' load-balancing loss on the same tokens
     model.zero_grad()
     ids = torch.cat([prompt.input_ids.expand(2, -1), group.completion_ids], dim=1)
@@ -328,14 +327,10 @@ def test_router_aux_loss_is_off_by_default_and_adds_its_gradient_when_on(family_
                       **_repeat_media(prompt.media, 2))
     real = torch.cat([torch.ones_like(prompt.input_ids).expand(2, -1), group.completion_mask], dim=1)
     aux = family.router_aux_loss(model, out.router_logits, real)
-    assert abs(float(aux.detach()) - group.router_aux_loss) < 1e-5
+    assert abs(float(aux.detach()) - logged) < 1e-5
     (0.25 * aux).backward()
     aux_grad = torch.cat([layer.mlp.gate.weight.grad.flatten() for layer in model.model.language_model.layers])
     torch.testing.assert_close(on - off, aux_grad, atol=1e-6, rtol=1e-4)
-
-    group.rewards = torch.zeros(2, 1)
-    metrics = step_metrics([group], RewardSet.from_config(["format"], [1.0]), [], 0.0, 0, 2)
-    assert metrics["router_aux_loss"] == group.router_aux_loss
 
 
 def test_cli_writes_a_tiny_qwen3_checkpoint(tmp_path):
