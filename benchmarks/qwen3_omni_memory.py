@@ -13,8 +13,8 @@ Everything else is arithmetic, stated in the table's notes:
   base whole on every GPU (DDP) and fp32 adapters + their Adam states.
 * rollouts gather the full bf16 thinker on every GPU under ZeRO-3 (`gathered_for_generation`), so
   that is a peak on top of the shards (gradients are freed then). KV cache at G completions of P + C tokens.
-* activations with gradient checkpointing (group_sharing: none, the only path for Qwen3-Omni until
-  part 2): each layer's input [G x (P + C), H] in bf16 kept for backward, plus one layer recomputed
+* activations with gradient checkpointing, for group_sharing: none (an upper bound: the shared paths
+  compute the prompt once per group): each layer's input [G x (P + C), H] in bf16 kept for backward, plus one layer recomputed
   (its MoE intermediate [G x (P + C) x top_k, 2 x 768], attention by flash/sdpa without an L x L
   matrix), plus one [1024, vocab] fp32 logits chunk (log-probs are computed in chunks).
 Estimates, not measurements: no GPU was available where this was written.

@@ -206,26 +206,57 @@ def test_rollout_and_plain_log_probs_match_the_thinker(family_dirs, mixed_datase
         torch.testing.assert_close(logps[mask], expected[mask], atol=1e-5, rtol=1e-5)
 
 
-def test_group_sharing_is_refused_where_the_family_cannot_share(family_dirs, mixed_dataset, loaded):
+SHARED_PATHS = (("encoders", "auto"), ("full", "kv"), ("full", "packed"))
+
+
+def _logps_and_grads(model, group, sharing, prefix):
+    model.zero_grad()
+    logps = group_token_logps(model, [group], sharing, prefix=prefix)[0]                      # [G, C]
+    (logps * group.completion_mask).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps.detach() * group.completion_mask, grads
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_group_sharing_paths_equal_the_plain_path(family_dirs, mixed_dataset, checkpointing):
+    """fp32: per-token log-probs within 1e-5 and gradients within 1e-4 (relative) of the plain path, on audio + image
+    and video + audio-in-video prompts; rollouts that prefill once give the tokens `generate` gives under one seed.
+    For Qwen3-Omni this covers the deepstack features (dropping them moves log-probs by ~0.08 on the tiny model)."""
     name, thinker_dir, _ = family_dirs
-    family = family_by_name(name)
-    model, processor = loaded(name, thinker_dir)
-    prompt = encode_prompt(_records(mixed_dataset)["image_audio"], processor)
-    torch.manual_seed(0)
-    group = sample_group(model, prompt, SamplingSettings(2, 4), processor.tokenizer, share_prefill=False)
-    if family.supports_group_sharing:
-        with torch.no_grad():
-            for sharing in ("encoders", "full"):
-                assert group_token_logps(model, [group], sharing)[0].shape == group.completion_ids.shape
-        prepare_for_training(model, TrainConfig(group_sharing="full"))
-        return
-    for sharing in ("encoders", "full"):
-        with pytest.raises(UnsupportedModelError, match=f"group_sharing: {sharing} is not supported for Qwen3-Omni"):
-            group_token_logps(model, [group], sharing)
-    with pytest.raises(UnsupportedModelError, match="set group_sharing: none"):
-        sample_group(model, prompt, SamplingSettings(2, 4), processor.tokenizer, share_prefill=True)
-    with pytest.raises(UnsupportedModelError, match="deepstack"):
-        prepare_for_training(model, TrainConfig(group_sharing="encoders"))
+    model, processor = load_thinker(thinker_dir, dtype="float32", attn_implementation="sdpa")
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for data_type in ("image_audio", "video_audio"):
+        prompt = encode_prompt(_records(mixed_dataset)[data_type], processor)
+        model.eval()
+        torch.manual_seed(7)
+        plain = sample_group(model, prompt, SamplingSettings(3, 8), processor.tokenizer, share_prefill=False)
+        torch.manual_seed(7)
+        shared = sample_group(model, prompt, SamplingSettings(3, 8), processor.tokenizer, share_prefill=True)
+        assert torch.equal(plain.completion_ids, shared.completion_ids), data_type
+        model.train()
+        reference, reference_grads = _logps_and_grads(model, plain, "none", "auto")
+        for sharing, prefix in SHARED_PATHS:
+            logps, grads = _logps_and_grads(model, plain, sharing, prefix)
+            torch.testing.assert_close(logps, reference, atol=1e-5, rtol=0, msg=f"{data_type} {sharing}/{prefix}")
+            assert grads.keys() == reference_grads.keys()
+            flat = torch.cat([grads[k].flatten() for k in reference_grads])
+            expected = torch.cat([reference_grads[k].flatten() for k in reference_grads])
+            assert (flat - expected).norm() <= 1e-4 * expected.norm(), f"{data_type} {sharing}/{prefix}"
+
+
+def test_a_family_whose_shared_paths_are_not_exact_is_refused(qwen3_model_dir):
+    from echoink.config import ConfigError
+    from echoink.model.families.qwen3_omni import Qwen3Omni
+
+    class Unshareable(Qwen3Omni):
+        supports_group_sharing = False
+
+    with pytest.raises(UnsupportedModelError, match="group_sharing: full is not supported for Qwen3-Omni"):
+        Unshareable().require_group_sharing("full")
+    Unshareable().require_group_sharing("none")
+    with pytest.raises(ConfigError, match="router_aux_loss_coef > 0 needs group_sharing: none"):
+        TrainConfig(router_aux_loss_coef=0.01, group_sharing="full")
 
 
 def test_thinking_template_prefix_is_part_of_the_completion(tmp_path, mixed_dataset):

@@ -1,5 +1,5 @@
 """GRPO training through the one trainer on each model family (tiny models, 1-2 steps): μ > 1 with β > 0 and
-frozen encoders, LoRA with a merged model, exact resume, evaluation batch 6 = batch 1, and the refusals."""
+frozen encoders, LoRA with a merged model, exact resume, group sharing, evaluation batch 6 = batch 1, the recipes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from echoink.config import load_config
 from echoink.data import load_dataset
 from echoink.grpo.trainer import train
 from echoink.model import load_thinker
-from echoink.model.families import UnsupportedModelError, family_by_name
+from echoink.model.families import family_by_name
 
 
 def _config(model_dir, data_dir, out_dir, *extra):
@@ -87,12 +87,14 @@ def test_resume_from_a_checkpoint_is_exact(family_dirs, mixed_dataset, tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_qwen3_refuses_group_sharing_at_start(qwen3_model_dir, mixed_dataset, tmp_path):
-    for sharing in ("encoders", "full"):
-        config = _config(qwen3_model_dir, mixed_dataset, tmp_path / sharing, "max_steps=1", f"group_sharing={sharing}")
-        with pytest.raises(UnsupportedModelError, match=f"group_sharing: {sharing} is not supported for Qwen3-Omni"):
-            train(config, progress=False)
-        assert not (tmp_path / sharing / "metrics.jsonl").exists()
+def test_qwen3_trains_with_group_sharing(qwen3_model_dir, mixed_dataset, tmp_path):
+    out = tmp_path / "shared"
+    final = train(_config(qwen3_model_dir, mixed_dataset, out, "max_steps=1", "group_sharing=full", "beta=0.04"),
+                  progress=False)
+    assert [r["step"] for r in _rows(out / "metrics.jsonl")] == [1]
+    trained, _ = load_thinker(final, dtype="float32")
+    base, _ = load_thinker(qwen3_model_dir, dtype="float32")
+    assert any(".language_model." in k for k in _changed(trained, base))
 
 
 def test_qwen3_eval_batch_six_equals_batch_one(qwen3_model_dir, mixed_dataset, tmp_path):
@@ -116,7 +118,7 @@ def test_qwen3_recipes_validate_and_use_gspo(name):
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     config = load_config(path)
-    assert "Qwen3-Omni-30B-A3B" in config.model_path and config.group_sharing == "none"
+    assert "Qwen3-Omni-30B-A3B" in config.model_path and config.group_sharing == "full"
     assert config.importance_sampling_level == "sequence" and config.num_iterations > 1  # GSPO, mu > 1
     assert config.epsilon < 0.01 and config.epsilon_high < 0.01 and config.router_aux_loss_coef == 0
     assert config.use_peft == ("lora" in name)

@@ -180,6 +180,9 @@ class TrainConfig:
         check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
         check(math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
               f"router_aux_loss_coef must be a finite number >= 0 (0 = off), got {self.router_aux_loss_coef}")
+        check(self.router_aux_loss_coef == 0 or self.group_sharing == "none",
+              "router_aux_loss_coef > 0 needs group_sharing: none (the shared paths count prompt tokens once, so "
+              "they do not compute the router's loss)")
         if problems:
             raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 

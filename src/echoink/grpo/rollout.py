@@ -14,8 +14,8 @@ Two exact paths, chosen by `share_prefill`:
 `SamplingSettings.min_new_tokens` suppresses EOS before that many tokens, in both paths (the
 benchmark uses it to make every completion exactly C tokens long).
 
-Prefill sharing is a family capability (`require_group_sharing`): Qwen3-Omni is refused until the
-shared path carries its deepstack visual features.
+Prefill sharing is a family capability (`require_group_sharing`); the prefill passes Qwen3-Omni's
+deepstack visual features to the language model (its prompt K/V carry them afterwards).
 
 Placeholder and boundary tokens (`<|AUDIO|>`, `<|IMAGE|>`, `<|VIDEO|>`, their bos/eos) are never
 sampled: a sampled placeholder would make the training forward fail.
@@ -47,7 +47,7 @@ from echoink.model.generation import (
 )
 from echoink.model.prompt_embedding import (
     attention_implementation,
-    embed_prompt,
+    embed_prompt_with_deepstack,
     prompt_positions,
     require_full_attention,
 )
@@ -101,9 +101,10 @@ def _sample_shared_prefill(model, prompt, sampling, eos_id, pad_id, suppress) ->
     g = sampling.num_generations
     language_model = model.model.language_model
     require_full_attention(language_model)
-    embeds = embed_prompt(model, prompt)                           # [1, P, H]
+    embeds, deepstack = embed_prompt_with_deepstack(model, prompt)  # [1, P, H]
     positions = prompt_positions(model, prompt)                    # [3, 1, P]
-    out = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+    out = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                         **(deepstack.language_model_kwargs() if deepstack else {}))
     cache = SharedPrefixCache(out.past_key_values, g, sampling.max_new_tokens)
     logits = model.lm_head(out.last_hidden_state[:, -1]).float().expand(g, -1)  # [G, V]
     next_position = positions.max() + 1

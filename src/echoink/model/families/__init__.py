@@ -16,7 +16,9 @@ What a family says (`OmniFamily`):
 * the published full layout: `other_parts` (configs/weight prefixes besides the thinker that are
   never built or read), `full_key_mapping` (published weight names -> our thinker's names)
 * media: `vision_patch_size` (the image merge unit is 2 x that in pixels)
-* group sharing: `supports_group_sharing`, `deepstack` (extra per-layer visual inputs)
+* group sharing: `supports_group_sharing` (whether the shared paths are exact for it, tested), `deepstack`
+  (the vision encoder also hands per-layer features to the first language-model layers; the shared
+  paths pass them on: `prompt_embedding.Deepstack`)
 * training: `lora_linears` (LoRA target patterns by part), `mixture_of_experts`
 * `write_tiny` (the offline tiny checkpoint of this family)
 """
@@ -65,12 +67,11 @@ class OmniFamily:
         raise NotImplementedError
 
     def require_group_sharing(self, sharing: str) -> None:
-        """Refuse a `group_sharing` other than "none" for a family whose shared paths are not exact yet."""
+        """Refuse a `group_sharing` other than "none" for a family whose shared paths are not exact (yet)."""
         if sharing != "none" and not self.supports_group_sharing:
             raise UnsupportedModelError(
-                f"group_sharing: {sharing} is not supported for {self.display_name} yet (its vision encoder "
-                "adds deepstack features inside the language model, which the shared paths would drop); "
-                "set group_sharing: none")
+                f"group_sharing: {sharing} is not supported for {self.display_name} (the shared paths are not "
+                "exact for this family); set group_sharing: none")
 
     def router_aux_loss(self, model, router_logits, attention_mask=None):
         """The MoE router's load-balancing loss from a forward's router logits (MoE families only)."""

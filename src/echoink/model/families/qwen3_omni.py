@@ -17,9 +17,10 @@ Differences from Qwen2.5-Omni that the rest of echoink meets through this module
   by default (`lora_linears`); the experts only through PEFT's parameter targeting (see
   `lora_expert_parameters` and docs/qwen3_omni.md);
 * vision patches are 16 px (merge unit 32 px) and the vision encoder hands per-layer "deepstack"
-  features to the first language-model layers at the visual positions: the group-sharing paths
-  (which call the language model directly) do not pass them yet, so `supports_group_sharing` is
-  False until they do;
+  features to the first language-model layers at the visual positions: the group-sharing paths,
+  which call the language model directly, pass them on (`prompt_embedding.Deepstack`: with the
+  prompt, tiled G ways on the "encoders" path; in the prompt pass, whose K/V then carry them, on
+  the "full" path and in rollouts), exact like Qwen2.5-Omni's (tests/test_families.py);
 * audio: 13 tokens per 100 feature frames (1 s), so 3 s of audio gives 39 tokens (Qwen2.5: 75);
   positions are floats and audio-only prompts get sequential positions.
 """
@@ -58,7 +59,7 @@ class Qwen3Omni(OmniFamily):
         r"^thinker\.lm_head\.": "lm_head.",
     }
     vision_patch_size = 16
-    supports_group_sharing = False  # until the shared paths carry the deepstack features (issue 13)
+    supports_group_sharing = True  # the shared paths carry the deepstack features
     deepstack = True
     mixture_of_experts = True
     lora_linears = {
