@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(help="echoink: GRPO fine-tuning and evaluation of omni-modal models (Qwen2.5-Omni).",
+app = typer.Typer(help="echoink: GRPO fine-tuning and evaluation of omni-modal models (Qwen2.5-Omni, Qwen3-Omni).",
                   no_args_is_help=True, add_completion=False)
 model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", no_args_is_help=True)
 data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", no_args_is_help=True)
@@ -31,21 +31,22 @@ def _fail_no_space(error, resumable: str) -> None:
 @model_app.command("tiny")
 def model_tiny(
     out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint to."),
-    layout: str = typer.Option("full", "--layout", help="full: the published Qwen2.5-Omni layout; thinker: ours."),
+    layout: str = typer.Option("full", "--layout", help="full: the family's published layout; thinker: ours."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     size: str = typer.Option("tiny", "--size", help="tiny (tests, demo) or bench (benchmark shape)."),
+    family: str = typer.Option("qwen2.5-omni", "--family", help="Model family: qwen2.5-omni or qwen3-omni."),
 ) -> None:
-    """Write a tiny random-initialised Qwen2.5-Omni checkpoint + processor files, offline."""
+    """Write a tiny random-initialised checkpoint of a model family + processor files, offline."""
     from echoink.io import NoSpaceLeftError
-    from echoink.model.tiny import write_tiny_checkpoint
+    from echoink.model.families import family_by_name, write_tiny_checkpoint
 
     try:
-        path = write_tiny_checkpoint(out, layout=layout, seed=seed, size=size)
+        path = write_tiny_checkpoint(out, family=family, layout=layout, seed=seed, size=size)
     except ValueError as exc:
         _fail(str(exc))
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the command again (nothing half-written was left)")
-    typer.echo(f"wrote tiny Qwen2.5-Omni checkpoint ({layout} layout, {size}) to {path}")
+    typer.echo(f"wrote tiny {family_by_name(family).display_name} checkpoint ({layout} layout, {size}) to {path}")
 
 
 # ---- data commands ----------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def demo_command(
 
 @app.command("eval")
 def eval_command(
-    model: Path = typer.Option(..., "--model", help="Model directory (published Qwen2.5-Omni layout or ours)."),
+    model: Path = typer.Option(..., "--model", help="Model directory (a published Qwen2.5-Omni / Qwen3-Omni layout or ours)."),
     data: Path = typer.Option(..., "--data", help="Dataset JSON/JSONL in the AVQA-R1 format."),
     out: Path = typer.Option(..., "--out", help="Predictions JSONL to write (resumed when it exists)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),

@@ -96,12 +96,18 @@ class TrainConfig:
     balance_answer_letters: bool = False  # order each epoch so every batch mixes the answer letters
     torch_num_threads: int | None = None
 
+    # --- mixture-of-experts models (Qwen3-Omni) ---
+    # The router's load-balancing loss (transformers' `router_aux_loss_coef`): 0 = off, the RL default (the
+    # policy gradient alone moves the router); > 0 adds coef x aux to the loss of each update and logs
+    # `router_aux_loss`. Needs a mixture-of-experts model and group_sharing: none.
+    router_aux_loss_coef: float = 0.0
+
     # --- LoRA (peft) ---
     use_peft: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_target_modules: list | None = None  # None: the language model's linear layers
+    lora_target_modules: list | None = None  # None: the family's default (docs/qwen3_omni.md); or words/suffixes
     save_merged_model: bool = False
 
     # --- logging, checkpoints, evaluation ---
@@ -185,6 +191,11 @@ class TrainConfig:
         check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         check(self.eval_steps == 0 or bool(self.eval_data), "eval_steps > 0 needs eval_data")
         check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
+        check(math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
+              f"router_aux_loss_coef must be a finite number >= 0 (0 = off), got {self.router_aux_loss_coef}")
+        check(self.router_aux_loss_coef == 0 or self.group_sharing == "none",
+              "router_aux_loss_coef > 0 needs group_sharing: none (the shared paths count prompt tokens once, so "
+              "they do not compute the router's loss)")
         problems.extend(self._fault_setting_problems())
         non_finite = self._non_finite_fields()  # a NaN fails every comparison: say "finite" once, not also "> 0"
         problems = [p for p in problems if p.split(" ", 1)[0] not in non_finite]

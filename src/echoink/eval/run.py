@@ -165,6 +165,7 @@ def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationC
     completions = sequences[:, prompt_length:]                                   # [B*K, C]
     mask, truncated = completion_mask(completions, eos_id)                       # [B*K, C], [B*K]
     texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+    texts = [prompts[row * len(prompts) // len(texts)].generation_prefix + text for row, text in enumerate(texts)]
     lengths = mask.sum(dim=1).tolist()
     return [(text, int(n), bool(t)) for text, n, t in zip(texts, lengths, truncated.tolist())]
 

@@ -32,6 +32,18 @@ Three exact paths (`sharing`), equal within float rounding (tests compare them):
              C = 128/256, CPU, checkpointing on): "kv" takes about half the time of "packed"
              for the policy forward + backward (docs/performance.md).
 
+Group sharing is a family capability (`OmniFamily.supports_group_sharing`; a family whose shared paths
+are not exact is refused for "encoders" / "full"). Qwen3-Omni's deepstack features (vision-encoder
+outputs added to the first language-model layers at the visual positions) go with the prompt: tiled
+G ways on "encoders", in the prompt pass on "full" (the prompt K/V then carry them; completions have
+no visual positions), over the prompt part of the packed sequence.
+
+Mixture-of-experts models: when the thinker carries a router aux-loss weight (`prepare_for_training`,
+`router_aux_loss_coef` > 0), the "none" path with grad also computes the router's load-balancing
+loss over the group's real tokens (prompt + completion up to EOS) and adds its gradient, weighted,
+in backward (`_with_loss_gradient`: the hidden states pass unchanged); its value is recorded on the
+thinker (`record_router_aux_loss`) and the step logs the mean as `router_aux_loss`.
+
 The [N, vocab] logits are produced in row chunks and reduced to log-probs immediately (with the
 chunk recomputed in backward), so [G, C, vocab] fp32 logits never exist at once.
 """
@@ -49,9 +61,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from echoink.choices import GROUP_SHARING
 from echoink.compat import attention_implementation_of, caches_allowed_under_checkpointing
 from echoink.grpo.types import Group
+from echoink.model.families import family_of_model
+from echoink.model.trainable import record_router_aux_loss, router_aux_loss_weight
 from echoink.model.prompt_embedding import (
     completion_positions,
-    embed_prompt,
+    embed_prompt_with_deepstack,
     masked_attention,
     prompt_positions,
     require_full_attention,
@@ -71,6 +85,8 @@ def group_token_logps(model, groups: list[Group], sharing: str = "full", tempera
         raise ValueError(f"sharing must be one of {GROUP_SHARING}, got {sharing!r}")
     if prefix not in PREFIX_PATHS:
         raise ValueError(f"prefix must be one of {PREFIX_PATHS}, got {prefix!r}")
+    if sharing != "none":
+        family_of_model(model).require_group_sharing(sharing)
     if sharing == "full":
         require_full_attention(model.model.language_model)
         if prefix == "auto":
@@ -127,11 +143,37 @@ def _hidden_plain(model, group: Group) -> torch.Tensor:
     """Thinker forward on G copies of [prompt, completion]: -> [G, C, H]."""
     prompt, g, p = group.prompt, group.size, group.prompt.length
     ids = torch.cat([prompt.input_ids.expand(g, -1), group.completion_ids], dim=1)          # [G, P + C]
+    aux_weight = router_aux_loss_weight(model) if torch.is_grad_enabled() else 0.0
+    router = {"output_router_logits": True} if aux_weight > 0 else {}
     out = model.model(input_ids=ids, attention_mask=torch.ones_like(ids),
                       use_audio_in_video=prompt.use_audio_in_video, use_cache=False,
-                      **_repeat_media(prompt.media, g))
+                      **_repeat_media(prompt.media, g), **router)
     model.model.rope_deltas = None  # state the thinker keeps between forwards; don't let it leak
-    return out.last_hidden_state[:, p - 1:-1]
+    hidden = out.last_hidden_state[:, p - 1:-1]
+    if aux_weight > 0:
+        real = torch.cat([torch.ones_like(prompt.input_ids).expand(g, -1), group.completion_mask], dim=1)  # [G, P+C]
+        aux = family_of_model(model).router_aux_loss(model, out.router_logits, real)
+        record_router_aux_loss(model, float(aux.detach()))
+        hidden = _with_loss_gradient(hidden, aux * aux_weight)
+    return hidden
+
+
+class _LossGradient(torch.autograd.Function):
+    """Identity on `hidden`; in backward it also sends gradient 1 into `loss`, as if `loss` were added to the
+    objective (the weight is folded into `loss`). Needs no change to how the caller builds its loss."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape = loss.shape
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden: torch.Tensor):
+        return grad_hidden, grad_hidden.new_ones(ctx.loss_shape, dtype=torch.float32)
+
+
+def _with_loss_gradient(hidden: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    return _LossGradient.apply(hidden, loss.float())
 
 
 def _repeat_media(media: dict[str, torch.Tensor], g: int) -> dict[str, torch.Tensor]:
@@ -148,12 +190,14 @@ def _repeat_media(media: dict[str, torch.Tensor], g: int) -> dict[str, torch.Ten
 def _hidden_encoders_once(model, group: Group) -> torch.Tensor:
     """Encoders once, language model on G x (P + C) tokens: -> [G, C, H]."""
     prompt, g, p = group.prompt, group.size, group.prompt.length
-    prompt_embeds = embed_prompt(model, prompt)                                             # [1, P, H]
+    prompt_embeds, deepstack = embed_prompt_with_deepstack(model, prompt)                   # [1, P, H]
     completion_embeds = model.get_input_embeddings()(group.completion_ids)                  # [G, C, H]
     embeds = torch.cat([prompt_embeds.expand(g, -1, -1), completion_embeds], dim=1)        # [G, P + C, H]
     prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
     positions = torch.cat([prompt_pos, completion_positions(prompt_pos, group.completion_ids.shape[1])], dim=2)
-    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions.expand(3, g, -1), use_cache=False)
+    extra = deepstack.language_model_kwargs(g, embeds.shape[1]) if deepstack else {}       # tiled G ways
+    out = model.model.language_model(inputs_embeds=embeds, position_ids=positions.expand(3, g, -1), use_cache=False,
+                                     **extra)
     return out.last_hidden_state[:, p - 1:-1]
 
 
@@ -164,8 +208,9 @@ def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
     prompt_pos = prompt_positions(model, prompt)                                            # [3, 1, P]
     recorder = Cache(layers=[_RecordLayer() for _ in language_model.layers])
     with caches_allowed_under_checkpointing(language_model.layers):
-        out = language_model(inputs_embeds=embed_prompt(model, prompt), position_ids=prompt_pos,
-                             past_key_values=recorder, use_cache=False)
+        prompt_embeds, deepstack = embed_prompt_with_deepstack(model, prompt)               # [1, P, H]
+        out = language_model(inputs_embeds=prompt_embeds, position_ids=prompt_pos, past_key_values=recorder,
+                             use_cache=False, **(deepstack.language_model_kwargs() if deepstack else {}))
         last_prompt_state = out.last_hidden_state[:, -1:].expand(g, -1, -1)                # [G, 1, H]
         if c == 1:
             return last_prompt_state
@@ -243,7 +288,8 @@ def _hidden_packed(model, group: Group) -> torch.Tensor:
     """One packed sequence [prompt, c_1 .. c_G] with a block-causal mask: -> [G, C, H]."""
     prompt, c, p = group.prompt, group.completion_ids.shape[1], group.prompt.length
     lengths = group.completion_lengths.clamp(min=1).tolist()                                # C_i (>= 1)
-    prompt_embeds = embed_prompt(model, prompt)[0]                                          # [P, H]
+    prompt_embeds, deepstack = embed_prompt_with_deepstack(model, prompt)
+    prompt_embeds = prompt_embeds[0]                                                        # [P, H]
     token_embeds = model.get_input_embeddings()
     pieces, starts = [prompt_embeds], []
     offset = p
@@ -271,7 +317,8 @@ def _hidden_packed(model, group: Group) -> torch.Tensor:
     mask = _attention_mask(model, allowed, embeds.dtype)
     with masked_attention(model.model.language_model):
         out = model.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=mask,
-                                         use_cache=False)
+                                         use_cache=False,
+                                         **(deepstack.language_model_kwargs(1, total) if deepstack else {}))
     states = out.last_hidden_state[0]                                                       # [L, H]
 
     rows = []

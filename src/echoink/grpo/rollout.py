@@ -14,6 +14,9 @@ Two exact paths, chosen by `share_prefill`:
 `SamplingSettings.min_new_tokens` suppresses EOS before that many tokens, in both paths (the
 benchmark uses it to make every completion exactly C tokens long).
 
+Prefill sharing is a family capability (`require_group_sharing`); the prefill passes Qwen3-Omni's
+deepstack visual features to the language model (its prompt K/V carry them afterwards).
+
 Placeholder and boundary tokens (`<|AUDIO|>`, `<|IMAGE|>`, `<|VIDEO|>`, their bos/eos) are never
 sampled: a sampled placeholder would make the training forward fail.
 """
@@ -33,6 +36,7 @@ from transformers.generation.logits_process import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from echoink.grpo.types import Group
+from echoink.model.families import family_of_model
 from echoink.model.inputs import PromptInputs
 from echoink.model.generation import (
     SamplingSettings,
@@ -43,7 +47,7 @@ from echoink.model.generation import (
 )
 from echoink.model.prompt_embedding import (
     attention_implementation,
-    embed_prompt,
+    embed_prompt_with_deepstack,
     prompt_positions,
     require_full_attention,
 )
@@ -55,12 +59,13 @@ def sample_group(model, prompt: PromptInputs, sampling: SamplingSettings, tokeni
     eos_id, pad_id = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
     suppress = media_token_ids(tokenizer)
     if share_prefill:
+        family_of_model(model).require_group_sharing("full")
         ids = _sample_shared_prefill(model, prompt, sampling, eos_id, pad_id, suppress)
     else:
         ids = _sample_with_generate(model, prompt, sampling, eos_id, pad_id, suppress)
     mask, truncated = completion_mask(ids, eos_id)
     ids = ids.masked_fill(mask == 0, pad_id)
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    texts = [prompt.generation_prefix + text for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return Group(prompt=prompt, completion_ids=ids, completion_mask=mask, texts=texts, truncated=truncated)
 
 
@@ -96,9 +101,10 @@ def _sample_shared_prefill(model, prompt, sampling, eos_id, pad_id, suppress) ->
     g = sampling.num_generations
     language_model = model.model.language_model
     require_full_attention(language_model)
-    embeds = embed_prompt(model, prompt)                           # [1, P, H]
+    embeds, deepstack = embed_prompt_with_deepstack(model, prompt)  # [1, P, H]
     positions = prompt_positions(model, prompt)                    # [3, 1, P]
-    out = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True)
+    out = language_model(inputs_embeds=embeds, position_ids=positions, use_cache=True,
+                         **(deepstack.language_model_kwargs() if deepstack else {}))
     cache = SharedPrefixCache(out.past_key_values, g, sampling.max_new_tokens)
     logits = model.lm_head(out.last_hidden_state[:, -1]).float().expand(g, -1)  # [G, V]
     next_position = positions.max() + 1

@@ -49,6 +49,7 @@ from echoink.grpo.step_metrics import step_metrics
 from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions, encode_prompt
+from echoink.model.trainable import router_aux_loss_metrics
 from echoink.prompts import PromptTemplate
 
 
@@ -284,6 +285,7 @@ def update(context: StepContext, batch: CollectedBatch) -> dict:
     metrics = {key: sum(s[key] for s in loss_stats) / len(loss_stats) for key in (loss_stats[0] if loss_stats else {})}
     metrics.update({"grad_norm": grad_norm, "nonfinite_steps": float(nonfinite_updates > 0),
                     "backward_seconds": time.perf_counter() - t})
+    metrics.update(router_aux_loss_metrics(context.thinker))  # MoE families, when router_aux_loss_coef > 0
     return metrics
 
 

@@ -40,7 +40,7 @@ from echoink.io import write_json_atomic
 from echoink.model import load_thinker
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
-from echoink.model.trainable import apply_freezing, merge_adapter, wrap_lora
+from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
 from echoink.prompts import PromptTemplate
 
 
@@ -90,6 +90,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
     base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
     thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
+    prepare_for_training(thinker, config)  # family checks (group sharing it cannot do) and the router aux-loss weight
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
     if config.gradient_checkpointing:

@@ -41,12 +41,16 @@ class PromptInputs:
     input_ids: [1, P] token ids, multimodal placeholders expanded (one `<|AUDIO|>` per audio token ...)
     media:     the `MEDIA_KEYS` present for this prompt (tensors, stored once)
     use_audio_in_video: the video's own audio track is interleaved with its frames
+    generation_prefix: text the chat template already wrote after the assistant header (a Thinking
+        variant's opening `<think>`): part of the assistant's turn, so it is put in front of each decoded
+        completion before rewards and metrics read it ("" for templates that write nothing there)
     """
 
     input_ids: torch.Tensor
     media: dict[str, torch.Tensor] = field(default_factory=dict)
     use_audio_in_video: bool = False
     problem_id: Any = None
+    generation_prefix: str = ""
 
     @property
     def length(self) -> int:
@@ -140,7 +144,21 @@ def encode_prompt(
         media=tensors,
         use_audio_in_video=use_audio_in_video,
         problem_id=record.problem_id,
+        generation_prefix=generation_prefix(text),
     )
+
+
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+
+def generation_prefix(prompt_text: str) -> str:
+    """What a rendered prompt (add_generation_prompt=True) carries after its last assistant header.
+
+    Qwen's Thinking templates end the prompt with an opening `<think>` (and a newline), so the model's
+    output starts inside the reasoning block and never repeats the tag.
+    """
+    head, found, tail = prompt_text.rpartition(ASSISTANT_HEADER)
+    return tail if found else ""
 
 
 def apply_ablation(media: dict, ablate: str) -> dict:

@@ -1,6 +1,8 @@
-"""The Qwen2.5-Omni processor, assembled from its parts without torchvision.
+"""The omni processor, assembled from its parts without torchvision.
 
-One loader serves the published checkpoint and our own (tiny or trained) directories:
+One loader serves the published checkpoints and our own (tiny or trained) directories of every
+family; the family gives the processor class (`OmniProcessor` for Qwen2.5-Omni, the Qwen3-Omni one
+in `families/qwen3_omni.py`), both built from the same parts:
 
     tokenizer            tokenizer.json / tokenizer_config.json   (AutoTokenizer)
     feature extractor    preprocessor_config.json                 (WhisperFeatureExtractor, 128 mel bins)
@@ -26,12 +28,15 @@ VIDEO_PREPROCESSOR_CONFIG = "video_preprocessor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class OmniProcessor(Qwen2_5OmniProcessor):
-    """`Qwen2_5OmniProcessor` whose video processor is `NumpyQwenVideoProcessor`.
+class NumpyVideoProcessing:
+    """Mixin for a transformers omni processor whose video processor is `NumpyQwenVideoProcessor`.
 
     transformers looks the video processor class up in a registry that is empty without
-    torchvision; we check it ourselves instead.
+    torchvision; we check it ourselves instead. `published_class_name` is what
+    preprocessor_config.json names as the processor class.
     """
+
+    published_class_name: str
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor":
@@ -41,16 +46,25 @@ class OmniProcessor(Qwen2_5OmniProcessor):
         return super().check_argument_for_proper_class(argument_name, argument)
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "OmniProcessor":  # type: ignore[override]
-        return load_processor(path)
+    def from_pretrained(cls, path, **kwargs):  # type: ignore[override]
+        return load_processor(path, cls)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):  # type: ignore[override]
         save_processor(self, save_directory)
         return []
 
 
-def load_processor(path: str | Path) -> OmniProcessor:
-    """Build the processor for the checkpoint directory `path` (published layout or ours)."""
+class OmniProcessor(NumpyVideoProcessing, Qwen2_5OmniProcessor):
+    """`Qwen2_5OmniProcessor` whose video processor is `NumpyQwenVideoProcessor`."""
+
+    published_class_name = "Qwen2_5OmniProcessor"
+
+
+def load_processor(path: str | Path, processor_class: type = OmniProcessor):
+    """Build the processor for the checkpoint directory `path` (published layout or ours).
+
+    processor_class: the family's processor (a `NumpyVideoProcessing` subclass).
+    """
     path = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     feature_extractor = WhisperFeatureExtractor.from_pretrained(str(path))
@@ -58,17 +72,17 @@ def load_processor(path: str | Path) -> OmniProcessor:
     video_settings = _read_json(path / VIDEO_PREPROCESSOR_CONFIG) or _read_json(path / PREPROCESSOR_CONFIG) or {}
     video_processor = NumpyQwenVideoProcessor(**_video_kwargs(video_settings))
     chat_template = _read_chat_template(path) or getattr(tokenizer, "chat_template", None)
-    return OmniProcessor(image_processor=image_processor, video_processor=video_processor,
+    return processor_class(image_processor=image_processor, video_processor=video_processor,
                          feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=chat_template)
 
 
-def save_processor(processor: Qwen2_5OmniProcessor, directory: str | Path) -> None:
+def save_processor(processor: NumpyVideoProcessing, directory: str | Path) -> None:
     """Write the processor in the published file layout (see module docstring)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     processor.tokenizer.save_pretrained(str(directory))
     merged = {**processor.feature_extractor.to_dict(), **processor.image_processor.to_dict()}
-    merged["processor_class"] = "Qwen2_5OmniProcessor"
+    merged["processor_class"] = processor.published_class_name
     _write_json(directory / PREPROCESSOR_CONFIG, merged)
     _write_json(directory / VIDEO_PREPROCESSOR_CONFIG, processor.video_processor.to_dict())
     if processor.chat_template:

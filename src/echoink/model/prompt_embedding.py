@@ -20,6 +20,7 @@ the duration of a call (checkpoint replays included); the group-sharing paths us
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +32,43 @@ from echoink.compat import attention_implementation_of, attention_implementation
 from echoink.model.inputs import PromptInputs
 
 
+@dataclass(frozen=True)
+class Deepstack:
+    """A prompt's deepstack inputs (Qwen3-Omni): vision-encoder features the language model adds to the
+    hidden states of its first layers at the visual positions.
+
+    mask:   [1, P] bool, the image and video placeholder positions of the prompt
+    embeds: one [N, H] tensor per deepstack layer, N = mask.sum(), in position order
+    """
+
+    mask: torch.Tensor
+    embeds: tuple[torch.Tensor, ...]
+
+    def language_model_kwargs(self, copies: int = 1, length: int | None = None) -> dict:
+        """`visual_pos_masks` / `deepstack_visual_embeds` for `copies` rows of `length` (>= P) positions each,
+        the prompt first in every row: mask [copies, length], embeds [copies * N, H] (row-major, as the mask)."""
+        mask = self.mask
+        if length is not None and length > mask.shape[1]:
+            mask = F.pad(mask, (0, length - mask.shape[1]), value=False)
+        return {"visual_pos_masks": mask.expand(copies, -1),
+                "deepstack_visual_embeds": [e.repeat(copies, 1) for e in self.embeds]}
+
+
 def embed_prompt(model, prompt: PromptInputs) -> torch.Tensor:
     """-> [1, P, H] prompt embeddings with audio/image/video features scattered in (with grad if enabled)."""
+    return embed_prompt_with_deepstack(model, prompt)[0]
+
+
+def embed_prompt_with_deepstack(model, prompt: PromptInputs) -> tuple[torch.Tensor, Deepstack | None]:
+    """-> ([1, P, H] prompt embeddings, the prompt's deepstack inputs or None when the model has none / no visuals).
+
+    The encoders run once; the deepstack features come from the same vision-encoder call.
+    """
     thinker = model.model
     ids = prompt.input_ids
     embeds = thinker.get_input_embeddings()(ids)
     media = prompt.media
+    visual: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (placeholder mask [1, P], per-layer features)
     if "input_features" in media:
         with _grad_if_trainable(thinker.audio_tower):
             audio = thinker.get_audio_features(media["input_features"], media["feature_attention_mask"],
@@ -45,12 +77,38 @@ def embed_prompt(model, prompt: PromptInputs) -> torch.Tensor:
     if "pixel_values" in media:
         with _grad_if_trainable(thinker.visual):
             image = thinker.get_image_features(media["pixel_values"], media["image_grid_thw"], return_dict=True)
-        embeds = _scatter(embeds, ids == model.config.image_token_id, torch.cat(image.pooler_output, dim=0))
+        mask = ids == model.config.image_token_id
+        embeds = _scatter(embeds, mask, torch.cat(image.pooler_output, dim=0))
+        visual.append((mask, _layer_features(image)))
     if "pixel_values_videos" in media:
         with _grad_if_trainable(thinker.visual):
             video = thinker.get_video_features(media["pixel_values_videos"], media["video_grid_thw"], return_dict=True)
-        embeds = _scatter(embeds, ids == model.config.video_token_id, torch.cat(video.pooler_output, dim=0))
-    return embeds
+        mask = ids == model.config.video_token_id
+        embeds = _scatter(embeds, mask, torch.cat(video.pooler_output, dim=0))
+        visual.append((mask, _layer_features(video)))
+    return embeds, _deepstack(visual, embeds)
+
+
+def _layer_features(output) -> list[torch.Tensor]:
+    """The per-deepstack-layer features of an image/video encoder output ([] when the encoder has none)."""
+    return [torch.cat(feature, dim=0) for feature in (getattr(output, "deepstack_features", None) or [])]
+
+
+def _deepstack(visual: list[tuple[torch.Tensor, list[torch.Tensor]]], embeds: torch.Tensor) -> Deepstack | None:
+    """Join image and video deepstack features in position order (as the thinker's forward does)."""
+    visual = [(mask, features) for mask, features in visual if features]
+    if not visual:
+        return None
+    joint_mask = visual[0][0]
+    for mask, _ in visual[1:]:
+        joint_mask = joint_mask | mask
+    layers = []
+    for layer in range(len(visual[0][1])):
+        joint = embeds.new_zeros(int(joint_mask.sum()), embeds.shape[-1])                  # [N, H]
+        for mask, features in visual:
+            joint = joint.masked_scatter(mask[joint_mask].unsqueeze(-1), features[layer].to(joint.dtype))
+        layers.append(joint)
+    return Deepstack(mask=joint_mask, embeds=tuple(layers))
 
 
 def _grad_if_trainable(encoder: nn.Module):

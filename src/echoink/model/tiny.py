@@ -111,8 +111,14 @@ BENCH = TinySpec(text_hidden=512, text_layers=4, text_heads=8, text_kv_heads=2, 
 SPECS = {"tiny": TINY, "bench": BENCH}
 
 
-def build_tokenizer(bpe_vocab: int = 1000) -> Qwen2Tokenizer:
-    """Byte-level BPE trained offline on `_CORPUS_EXTRA` + the EchoInk-R1 prompt, plus Qwen's special tokens."""
+def build_tokenizer(bpe_vocab: int = 1000, special_tokens: list[str] = SPECIAL_TOKENS,
+                    named_tokens: dict[str, str] = NAMED_SPECIAL_TOKENS, chat_template: str = CHAT_TEMPLATE,
+                    plain_tokens: tuple[str, ...] = ()) -> Qwen2Tokenizer:
+    """Byte-level BPE trained offline on `_CORPUS_EXTRA` + the EchoInk-R1 prompt, plus Qwen's special tokens.
+
+    The defaults are Qwen2.5-Omni's; other families pass theirs (`plain_tokens`: added tokens that
+    are not special, so decoding with skip_special_tokens keeps them, like Qwen3's `<think>`).
+    """
     from echoink.prompts import ANSWER_SUFFIX, THINK_PROMPT
 
     corpus = [THINK_PROMPT, ANSWER_SUFFIX, *_CORPUS_EXTRA]
@@ -124,16 +130,18 @@ def build_tokenizer(bpe_vocab: int = 1000) -> Qwen2Tokenizer:
     model = json.loads(trainer_tok.to_str())["model"]
     vocab: dict[str, int] = dict(model["vocab"])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    for token in SPECIAL_TOKENS:
+    for token in special_tokens:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab, merges=merges, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, extra_special_tokens=dict(NAMED_SPECIAL_TOKENS),
-        additional_special_tokens=SPECIAL_TOKENS, model_max_length=32768,
+        unk_token=None, extra_special_tokens=dict(named_tokens),
+        additional_special_tokens=list(special_tokens), model_max_length=32768,
     )
     # Register every special token as an atomic added token (the constructor alone does not for all of them).
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens], special_tokens=True)
+    if plain_tokens:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in plain_tokens])
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
@@ -241,7 +249,11 @@ def _write_full_layout(model, out_dir: Path, seed: int) -> None:
     tensors["talker.model.embed_tokens.weight"] = torch.randn(64, 32, generator=generator)
     tensors["talker.codec_head.weight"] = torch.randn(64, 32, generator=generator)
     tensors["token2wav.code2wav_dit_model.input_embed.proj.weight"] = torch.randn(16, 16, generator=generator)
-    # Two shards + an index, like the published checkpoint.
+    write_published_shards(tensors, out_dir)
+
+
+def write_published_shards(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Two safetensors shards + model.safetensors.index.json, like a published checkpoint."""
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
