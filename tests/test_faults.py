@@ -594,3 +594,25 @@ def test_1_the_demo_run_twice_replaces_its_own_previous_run(tmp_path, tiny_model
     assert f"{out / 'run'} holds a previous demo run: this run replaces it" in console.export_text()
     assert f"overwrite_output_dir=true: deleted the previous run in {out / 'run'}" in capfd.readouterr().err
     assert [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it would create a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_3_a_tampered_optimizer_pickle_is_refused_by_name_and_never_run(accelerator, tmp_path):
+    out = tmp_path / "run"
+    _, second = _write_checkpoints(accelerator, out)
+    optimizer = second / "trainer_state" / "optimizer.bin"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _RunsCodeWhenUnpickled(marker)}, optimizer)
+    with pytest.raises(CheckpointError) as info:
+        choose_resume_checkpoint(_config(out), second, 1)
+    assert str(info.value).startswith(f"{optimizer}: cannot be loaded (UnpicklingError")
+    assert not marker.exists()
