@@ -283,6 +283,13 @@ def test_16_dry_run_checks_the_prompt_template_too():
     assert "unknown prompt setting(s) ['instructoin']" in _error_line(result)
 
 
+def test_9_several_problems_are_one_line_naming_each():
+    result = CliRunner().invoke(app, ["train", "--dry-run", "--num-items", "4", "learning_rate=.inf", "beta=-1",
+                                      "eval_batch_size=0"])
+    assert _error_line(result) == ("error: overrides: invalid config: beta must be >= 0, got -1.0; eval_batch_size "
+                                   "must be >= 1, got 0; learning_rate must be a finite number, got inf")
+
+
 def test_11_torch_num_threads_minus_one():
     result = CliRunner().invoke(app, ["train", "--dry-run", "--num-items", "4", "torch_num_threads=-1"])
     assert _error_line(result) == ("error: overrides: invalid config: torch_num_threads must be >= 1 or null "

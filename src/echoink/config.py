@@ -200,8 +200,8 @@ class TrainConfig:
         non_finite = self._non_finite_fields()  # a NaN fails every comparison: say "finite" once, not also "> 0"
         problems = [p for p in problems if p.split(" ", 1)[0] not in non_finite]
         problems += [f"{name} must be a finite number, got {getattr(self, name)}" for name in non_finite]
-        if problems:  # one line for one problem; a list for several
-            raise ConfigError("invalid config: " + (problems[0] if len(problems) == 1 else "\n  " + "\n  ".join(problems)))
+        if problems:  # one line, every problem named
+            raise ConfigError("invalid config: " + "; ".join(problems))
 
     def _fault_setting_problems(self) -> list[str]:
         """Checks that make every setting fail here, before the model loads, rather than mid-run: reward
@@ -329,7 +329,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         except (TypeError, ValueError):
             problems.append(f"{key}: expected {_type_name(hints[key])}, got {value!r}")
     if problems:
-        raise ConfigError(f"{source}: bad value(s):\n  " + "\n  ".join(problems))
+        raise ConfigError(f"{source}: bad value(s): " + "; ".join(problems))
     try:
         return TrainConfig(**coerced)
     except ConfigError as exc:
