@@ -72,7 +72,7 @@ from echoink.model.generation import (
 from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
 from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from echoink.rewards import answer_letter, extract_answer, format_reward
+from echoink.rewards import answer_letter, extract_answer, format_reward, score_answer
 
 __all__ = [
     "EOS_TOKEN",
@@ -173,10 +173,16 @@ def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationC
 def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncated: bool, *, lenient: bool,
          common: dict[str, Any]) -> Row:
     """One prediction line. Multiple choice: the option letter (`answer_letter`); other problems: the
-    stripped answer block, compared exactly (the accuracy reward's rule)."""
-    pred = answer_letter(reply, lenient=lenient) if record.is_multiple_choice else extract_answer(reply)
+    stripped answer block scored by the record's problem type (`rewards.score_answer`, the accuracy
+    reward's rule): `score` in [0, 1], `correct` iff the score is 1, `pred` None when it does not parse."""
+    if record.is_multiple_choice:
+        pred = answer_letter(reply, lenient=lenient)
+        score = float(pred is not None and pred == record.answer)
+    else:
+        scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        pred, score = (extract_answer(reply) if scored.parsed else None), scored.value
     row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
-                "correct": pred is not None and pred == record.answer, "reply": reply,
+                "correct": score == 1.0, "score": score, "problem_type": record.problem_type, "reply": reply,
                 "data_type": record.data_type}
     if record.needs is not None:
         row["needs"] = record.needs
