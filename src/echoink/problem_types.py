@@ -23,17 +23,18 @@ numbers are read by one anchored regular expression without nested quantifiers; 
 (O(n·m)) see at most :data:`MAX_TEXT_TOKENS` tokens of the answer, and solutions longer than that are
 a load-time error.
 
-This module sits just above ``echoink.io``: it imports nothing else of echoink, so ``echoink.data``
+This module sits just above ``echoink.io``: it imports nothing of echoink but ``echoink.user_code``, so ``echoink.data``
 validates solutions with it and ``echoink.prompts`` / ``echoink.rewards`` build prompts and score with it.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
+
+from echoink.user_code import load_object
 
 __all__ = [
     "ECHOINK_SUFFIXES",
@@ -194,7 +195,21 @@ class MultipleChoice(ProblemType):
         return Score(1.0 if answer == solution else 0.0, len(answer) == 1 and "A" <= answer <= "Z")
 
 
-class Numerical(ProblemType):
+class _NumberType(ProblemType):
+    """A number answer (:func:`parse_number`) compared with a number solution by :meth:`compare`."""
+
+    def parse_solution(self, answer: str, record: Mapping[str, Any]) -> float:
+        return _solution_number(answer)
+
+    def score(self, answer: str | None, solution: float) -> Score:
+        value = parse_number(answer[:MAX_ANSWER_CHARS]) if answer is not None else None
+        return UNPARSED if value is None else Score(self.compare(value, solution), True)
+
+    def compare(self, value: float, solution: float) -> float:
+        raise NotImplementedError
+
+
+class Numerical(_NumberType):
     """1 iff the answer's number is within ``abs_tol`` 0.005 (EchoInk-R1 compared after rounding to two
     decimals) or a relative 1e-6 of the solution's."""
 
@@ -203,15 +218,8 @@ class Numerical(ProblemType):
     abs_tol: ClassVar[float] = 0.005
     rel_tol: ClassVar[float] = 1e-6
 
-    def parse_solution(self, answer: str, record: Mapping[str, Any]) -> float:
-        return _solution_number(answer)
-
-    def score(self, answer: str | None, solution: float) -> Score:
-        value = parse_number(answer[:MAX_ANSWER_CHARS]) if answer is not None else None
-        if value is None:
-            return UNPARSED
-        close = math.isclose(value, solution, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
-        return Score(1.0 if close else 0.0, True)
+    def compare(self, value: float, solution: float) -> float:
+        return 1.0 if math.isclose(value, solution, rel_tol=self.rel_tol, abs_tol=self.abs_tol) else 0.0
 
 
 def _parse_count(text: str) -> int | None:
@@ -251,7 +259,7 @@ class Counting(ProblemType):
         return Score(1.0 if count == solution else 0.0, True)
 
 
-class Regression(ProblemType):
+class Regression(_NumberType):
     """``clip(1 - |answer - solution| / |solution|, 0, 1)``; for a zero solution ``clip(1 - |answer|, 0, 1)``
     (the absolute error takes the relative error's place)."""
 
@@ -259,15 +267,9 @@ class Regression(ProblemType):
     suffix = ECHOINK_SUFFIXES["regression"]
     binary = False
 
-    def parse_solution(self, answer: str, record: Mapping[str, Any]) -> float:
-        return _solution_number(answer)
-
-    def score(self, answer: str | None, solution: float) -> Score:
-        value = parse_number(answer[:MAX_ANSWER_CHARS]) if answer is not None else None
-        if value is None:
-            return UNPARSED
+    def compare(self, value: float, solution: float) -> float:
         error = abs(value - solution) / abs(solution) if solution != 0 else abs(value)
-        return Score(_clip(1.0 - error) if math.isfinite(error) else 0.0, True)
+        return _clip(1.0 - error) if math.isfinite(error) else 0.0
 
 
 # ---- text -------------------------------------------------------------------------------------------
@@ -491,16 +493,7 @@ def register_problem_types(specs: Sequence[str] | None) -> list[str]:
     for spec in specs or []:
         if not isinstance(spec, str) or ":" not in spec or not all(spec.partition(":")[::2]):
             raise ValueError(f"problem type {spec!r} must look like 'package.module:Class'")
-        module_name, _, attribute = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ValueError(f"problem type {spec!r}: cannot import module {module_name!r}: {exc}") from None
-        target: Any = module
-        for part in attribute.split("."):
-            if not hasattr(target, part):
-                raise ValueError(f"problem type {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-            target = getattr(target, part)
+        target = load_object(spec, "problem type")
         names.append(register_problem_type(target).name)
     return names
 

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from echoink.problem_types import MULTIPLE_CHOICE, Score, get_problem_type
+from echoink.user_code import load_object
 
 __all__ = [
     "REWARDS",
@@ -254,18 +254,9 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" not in spec:
         raise ValueError(f"unknown reward {spec!r}: use one of {', '.join(REWARDS)} "
                          "or 'package.module:function' for your own")
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-    function: Any = module
-    for part in attribute.split("."):
-        if not part or not hasattr(function, part):
-            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-        function = getattr(function, part)
+    function = load_object(spec, "reward")
     if not callable(function):
-        raise ValueError(f"reward {spec!r}: {attribute!r} is not callable")
+        raise ValueError(f"reward {spec!r}: {spec.partition(':')[2]!r} is not callable")
     return function
 
 
