@@ -21,15 +21,21 @@ from echoink.data.synth import TASK_FAMILIES, write_synthetic_dataset
 from echoink.eval.metrics import accuracy_summary, bootstrap_mean_interval, type_measure
 from echoink.grpo.scoring import LengthReward, RewardSet, score_group
 from echoink.grpo.step_metrics import step_metrics
-from echoink.grpo.types import Group
+from echoink.grpo.types import Group, ScoredGroup
 from echoink.rewards import RewardError, compute_rewards, reward_columns
 
 
-def _group(record, texts: list[str], lengths: list[int]) -> Group:
+def _group(texts: list[str], lengths: list[int]) -> Group:
     width = max(lengths)
     mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths])                    # [G, C]
     return Group(prompt=None, completion_ids=torch.zeros_like(mask), completion_mask=mask, texts=texts,
-                 truncated=torch.zeros(len(texts), dtype=torch.bool), record=record)
+                 truncated=torch.zeros(len(texts), dtype=torch.bool))
+
+
+def _scored(rewards: RewardSet, record, texts: list[str], lengths: list[int]) -> ScoredGroup:
+    group = _group(texts, lengths)
+    table = score_group(rewards, group, record)                                            # [G, R]
+    return ScoredGroup(group=group, record=record, rewards=table, advantages=torch.zeros(group.size))
 
 
 def _typed(problem_id: int, problem_type: str, solution: str, **extra) -> dict:
@@ -64,8 +70,7 @@ def test_length_bonus_follows_echoink_r1():
 def test_length_column_in_score_group_and_weights(records):
     rewards = RewardSet.from_config(["accuracy", "format"], [1.0, 1.0], LengthReward(2, 5))
     assert rewards.names == ["accuracy", "format", "length"] and rewards.weights.tolist() == [1.0, 1.0, 1.0]
-    group = _group(records[0], [_answer("C"), _answer("C"), _answer("A"), "C"], [3, 9, 3, 3])
-    table = score_group(rewards, group)                                                      # [G, 3]
+    table = _scored(rewards, records[0], [_answer("C"), _answer("C"), _answer("A"), "C"], [3, 9, 3, 3]).rewards
     assert table[:, 2].tolist() == pytest.approx([0.2, 0.0, 0.0, 0.0])
     assert RewardSet.from_config(["accuracy"], [1.0]).names == ["accuracy"]
 
@@ -118,21 +123,19 @@ def test_reward_error_names_reward_record_and_value(records):
 
 def test_step_metrics_per_type_all_equal_and_binary_only_outcomes(records):
     rewards = RewardSet.from_config(["accuracy", "format"], [1.0, 1.0])
-    mc = _group(records[0], [_answer("C")] * 4, [3] * 4)                          # all correct, all equal
-    counting = _group(records[1], [_answer("3"), _answer("2"), _answer("2"), "3"], [3] * 4)
-    temporal = _group(records[2], [_answer("[1, 3]"), _answer("[0, 2]"), _answer("[0, 1]"), _answer("[2, 3]")], [3] * 4)
-    groups = [mc, counting, temporal]
-    for group in groups:
-        group.rewards = score_group(rewards, group)
+    mc = _scored(rewards, records[0], [_answer("C")] * 4, [3] * 4)                # all correct, all equal
+    counting = _scored(rewards, records[1], [_answer("3"), _answer("2"), _answer("2"), "3"], [3] * 4)
+    temporal = _scored(rewards, records[2], [_answer("[1, 3]"), _answer("[0, 2]"), _answer("[0, 1]"),
+                                             _answer("[2, 3]")], [3] * 4)
     assert temporal.rewards[:, 0].tolist() == pytest.approx([1.0, 1 / 3, 0.0, 0.5])
-    metrics = step_metrics(groups, rewards, [], 0.0, 0, 4)
+    metrics = step_metrics([mc, counting, temporal], rewards, 4)
     assert metrics["all_equal"] == pytest.approx(1 / 3)
     assert metrics["all_correct"] == pytest.approx(1 / 2) and metrics["all_wrong"] == 0.0  # over mc + counting
     assert metrics["reward_by_type/multiple_choice"] == pytest.approx(2.0)
     assert metrics["accuracy_by_type/counting"] == pytest.approx(0.25)  # the bare "3" has no answer block
     assert metrics["reward_by_type/counting"] == pytest.approx((2 + 1 + 1 + 0) / 4)  # accuracy + format
     assert metrics["accuracy_by_type/temporal_retrieval"] == pytest.approx((1 + 1 / 3 + 0.5) / 4)
-    graded_only = step_metrics([temporal], rewards, [], 0.0, 0, 4)
+    graded_only = step_metrics([temporal], rewards, 4)
     assert "all_correct" not in graded_only and "all_wrong" not in graded_only and graded_only["all_equal"] == 0.0
 
 

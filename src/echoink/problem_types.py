@@ -29,6 +29,7 @@ validates solutions with it and ``echoink.prompts`` / ``echoink.rewards`` build 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -331,17 +332,20 @@ class FreeForm(_TextType):
 
     name = "free-form"
     suffix = ECHOINK_SUFFIXES["free-form"]
-    _scorer: ClassVar[Any] = None
 
     def score(self, answer: str | None, solution: str) -> Score:
         if answer is None:
             return UNPARSED
-        if FreeForm._scorer is None:
-            from rouge_score import rouge_scorer
-
-            FreeForm._scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeRougeTokenizer())
-        result = FreeForm._scorer.score(solution, answer[:MAX_ANSWER_CHARS])["rougeL"]
+        result = _rouge_l().score(solution, answer[:MAX_ANSWER_CHARS])["rougeL"]
         return Score(_clip(result.fmeasure), True)
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_l() -> Any:
+    """rouge-score's ROUGE-L scorer with our tokenizer (built once, on first use)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_UnicodeRougeTokenizer())
 
 
 # ---- temporal retrieval ------------------------------------------------------------------------------
