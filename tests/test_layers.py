@@ -13,9 +13,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # lowest first; units in one layer may import each other (no cycles), except SIBLINGS
 LAYERS = (
-    ("echoink", "echoink.config", "echoink.choices", "echoink.io", "echoink.compat"),
+    ("echoink", "echoink.config", "echoink.choices", "echoink.io", "echoink.compat", "echoink.problem_types",
+     "echoink.user_code"),
     ("echoink.data",),
-    ("echoink.prompts", "echoink.problem_types", "echoink.rewards"),
+    ("echoink.prompts", "echoink.rewards"),
     ("echoink.model",),
     ("echoink.grpo", "echoink.eval"),
     ("echoink.analysis", "echoink.export"),

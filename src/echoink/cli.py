@@ -26,6 +26,21 @@ def _fail_no_space(error, resumable: str) -> None:
     _fail(str(error) if getattr(error, "detail", "") else f"{error}: free space, then {resumable}")
 
 
+_PROBLEM_TYPES_HELP = "User problem types, comma-separated 'package.module:Class' (imports them: trusted code only)."
+
+
+def _register_problem_types(specs: list[str] | str | None) -> None:
+    """Register user problem types (from a flag or a config's problem_types); one error line on failure."""
+    from echoink.problem_types import register_problem_types
+
+    if isinstance(specs, str):
+        specs = [spec.strip() for spec in specs.split(",") if spec.strip()]
+    try:
+        register_problem_types(specs)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 # ---- model commands ---------------------------------------------------------------------------
 
 @model_app.command("tiny")
@@ -56,12 +71,22 @@ def model_tiny(
 def data_validate(
     path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file."),
     check_media: bool = typer.Option(False, "--check-media", help="Also decode every media file."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
+    config: Optional[Path] = typer.Option(None, "--config", help="Training config: register its problem_types."),
 ) -> None:
     """Validate a dataset file and print statistics; exit 1 on any problem."""
     from rich.console import Console
     from rich.table import Table
 
+    from echoink.config import ConfigError, load_config
     from echoink.data.report import build_report
+
+    if config is not None:
+        try:
+            _register_problem_types(load_config(config).problem_types)
+        except ConfigError as exc:
+            _fail(str(exc))
+    _register_problem_types(problem_types)
 
     console = Console()
     report = build_report(path, check_media=check_media)
@@ -72,6 +97,7 @@ def data_validate(
     table.add_column("statistic")
     table.add_column("value")
     table.add_row("data_type", ", ".join(f"{k}: {v}" for k, v in sorted(report.data_types.items())) or "-")
+    table.add_row("problem_type", ", ".join(f"{k}: {v}" for k, v in sorted(report.problem_types.items())) or "-")
     if report.needs:
         table.add_row("needs", ", ".join(f"{k}: {v}" for k, v in sorted(report.needs.items())))
     table.add_row("answer letters", ", ".join(f"{k}: {v}" for k, v in sorted(report.answer_letters.items())) or "-")
@@ -96,11 +122,12 @@ def data_synth(
     train: int = typer.Option(200, "--train", min=0, help="Number of training items."),
     valid: int = typer.Option(50, "--valid", min=0, help="Number of validation items."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    families: Optional[str] = typer.Option(None, "--families", help="Comma-separated family names (default: all)."),
+    families: Optional[str] = typer.Option(None, "--families", help="Comma-separated family names (default: every multiple-choice family; "
+                                               "add beep_count, tone_hz, tone_hz_regression, tone_span for other problem types)."),
     shuffle_options: bool = typer.Option(True, "--shuffle-options/--fixed-options",
                                          help="Shuffle options (balanced answer letters) or keep each family's order."),
 ) -> None:
-    """Write a synthetic audio-visual multiple-choice set in the AVQA-R1 layout."""
+    """Write a synthetic audio-visual set in the AVQA-R1 layout (multiple choice, or a mix of problem types)."""
     from rich.console import Console
 
     from echoink.data.synth import write_synthetic_dataset
@@ -165,6 +192,7 @@ def train_command(
         cfg = load_config(config, ctx.args)
     except ConfigError as exc:
         _fail(str(exc))
+    _register_problem_types(cfg.problem_types)  # before the data is validated
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
@@ -257,6 +285,7 @@ def eval_command(
     lenient: bool = typer.Option(False, "--lenient", help="Also read 'C.', '(C)', 'Answer: C' ... (not the reward's rule)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
 ) -> None:
     """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
     from echoink.data import DatasetError
@@ -264,6 +293,7 @@ def eval_command(
     from echoink.eval.run import RunSignatureError, evaluate
     from echoink.model import ModelLoadError
 
+    _register_problem_types(problem_types)
     sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k, "--seed": seed}
     if samples is None:
         given = [name for name, value in sampling_options.items() if value is not None]
@@ -286,6 +316,9 @@ def eval_command(
                f"(95% Wilson); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
                f"format {100 * (summary['format_rate'] or 0):.1f}%, "
                f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
+    for kind, block in summary.get("by_problem_type", {}).items():
+        typer.echo(f"  {kind}: {block['measure']} {_ci_text(block['value'], block['ci_low'], block['ci_high'])} % "
+                   f"over {block['n']} answers, unparsed {100 * block['unparsed_rate']:.1f}%")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
 
 
@@ -351,6 +384,17 @@ def metrics_command(
                                   _ci_text(block["accuracy"], block["ci_low"], block["ci_high"]))
     if breakdown.row_count:
         console.print(breakdown)
+
+    by_type = Table(title="Per problem type (accuracy: 95% Wilson; mean score: 95% bootstrap; in %)")
+    for column in ("file", "problem type", "n", "measure", "value", "unparsed"):
+        by_type.add_column(column, justify="right" if column in ("n", "value", "unparsed") else "left")
+    for name, s in summaries.items():
+        for key in ("by_problem_type", "by_problem_type_data_type"):
+            for group, block in s[key].items():
+                by_type.add_row(name, group, str(block["n"]), block["measure"],
+                                _ci_text(block["value"], block["ci_low"], block["ci_high"]),
+                                f"{100 * block['unparsed_rate']:.1f}")
+    console.print(by_type)
 
     if comparisons:
         paired = Table(title=f"Paired comparison against {against} (per-problem score; difference in points)")

@@ -75,6 +75,14 @@ class TrainConfig:
     dynamic_sampling: bool = False
     max_sampling_rounds: int = 4
 
+    # --- problem types and the length reward (docs/rewards.md) ---
+    problem_types: list = field(default_factory=list)  # user problem types: "package.module:Class" (imported!)
+    len_control: bool = False          # EchoInk-R1's length bonus, as a reward column named "length"
+    len_control_min_tokens: int = 160
+    len_control_max_tokens: int = 256
+    len_control_bonus: float = 0.2
+    len_control_threshold: float = 0.1  # accuracy above this counts as correct for the bonus
+
     # --- optimisation (TRL / transformers TrainingArguments names) ---
     learning_rate: float = 1e-6
     lr_scheduler_type: str = "cosine"
@@ -196,6 +204,17 @@ class TrainConfig:
         check(self.router_aux_loss_coef == 0 or self.group_sharing == "none",
               "router_aux_loss_coef > 0 needs group_sharing: none (the shared paths count prompt tokens once, so "
               "they do not compute the router's loss)")
+        for spec in self.problem_types:
+            module, _, attribute = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+            check(bool(module.strip() and attribute.strip()),
+                  f"problem_types entries must look like 'package.module:Class', got {spec!r}")
+        check(1 <= self.len_control_min_tokens <= self.len_control_max_tokens,
+              "need 1 <= len_control_min_tokens <= len_control_max_tokens, got "
+              f"{self.len_control_min_tokens}, {self.len_control_max_tokens}")
+        check(math.isfinite(self.len_control_bonus) and self.len_control_bonus >= 0,
+              f"len_control_bonus must be a finite number >= 0, got {self.len_control_bonus}")
+        check(math.isfinite(self.len_control_threshold) and 0 <= self.len_control_threshold < 1,
+              f"len_control_threshold must be in [0, 1), got {self.len_control_threshold}")
         problems.extend(self._fault_setting_problems())
         non_finite = self._non_finite_fields()  # a NaN fails every comparison: say "finite" once, not also "> 0"
         problems = [p for p in problems if p.split(" ", 1)[0] not in non_finite]

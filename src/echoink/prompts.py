@@ -12,6 +12,11 @@ starts with a space). The paragraph is kept verbatim, including its missing peri
 "thought expressions". The user turn's content is ordered image, audio, text (video first for video
 items); there is no system message, so the chat template's default system prompt applies.
 
+Other problem types follow EchoInk-R1 too: the question is the problem alone (temporal retrieval:
+``Query: “{problem}” (The video duration is {duration:.2f} seconds.)``), and the suffix is the type's
+own (:data:`echoink.problem_types.ECHOINK_SUFFIXES`, character for character); a user type without a
+suffix gets ``free_form_suffix``.
+
 Training and evaluation use the same template by default (EchoInk-R1's evaluation used a different
 one). Any part can be overridden from config with :meth:`PromptTemplate.from_dict`.
 """
@@ -22,6 +27,8 @@ import hashlib
 import string
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping
+
+from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, get_problem_type
 
 __all__ = [
     "ANSWER_SUFFIX",
@@ -51,10 +58,8 @@ THINK_PROMPT = (
 
 ANSWER_SUFFIX = " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
 
-#: Suffix for free-form (non multiple choice) problems; not part of EchoInk-R1's multiple-choice prompt.
+#: Suffix for problem types that define none (user types); EchoInk-R1 had no suffix for those.
 FREE_FORM_SUFFIX = " Please provide your final answer within the <answer> </answer> tags."
-
-MULTIPLE_CHOICE = "multiple choice"
 
 #: Media kinds a message part can carry, in the order they appear in the user turn.
 MEDIA_KINDS = ("video", "image", "audio")
@@ -72,8 +77,9 @@ class PromptTemplate:
 
     ``question_template`` builds the multiple-choice question from ``{problem}`` and ``{options}``
     (the options joined by newlines); ``free_form_template`` builds other problem types from
-    ``{problem}``; ``text_template`` joins ``{question}``, ``{instruction}`` and ``{suffix}`` (the
-    suffix is ``suffix`` for multiple choice and ``free_form_suffix`` otherwise). ``version`` is logged
+    ``{problem}`` (after the type's own question form, e.g. temporal retrieval's "Query: ..."); ``text_template``
+    joins ``{question}``, ``{instruction}`` and ``{suffix}`` (the suffix is ``suffix`` for multiple
+    choice, the problem type's own suffix for the other types, ``free_form_suffix`` for a type without one). ``version`` is logged
     with every run so results say which prompt produced them.
     """
 
@@ -133,15 +139,24 @@ def build_question_text(record: Any, template: PromptTemplate = DEFAULT_TEMPLATE
     template), just the problem for other problem types."""
     if record.problem_type == MULTIPLE_CHOICE:
         return template.question_template.format(problem=record.problem, options="\n".join(record.options))
-    return template.free_form_template.format(problem=record.problem)
+    problem = record.problem
+    if record.problem_type in PROBLEM_TYPES:
+        problem = get_problem_type(record.problem_type).question(problem, record)
+    return template.free_form_template.format(problem=problem)
 
 
 def build_prompt_text(record: Any, template: PromptTemplate = DEFAULT_TEMPLATE) -> str:
     """The whole text part of the user turn: question, newline, instruction paragraph, suffix."""
-    suffix = template.suffix if record.problem_type == MULTIPLE_CHOICE else template.free_form_suffix
+    suffix = template.suffix if record.problem_type == MULTIPLE_CHOICE else _type_suffix(record.problem_type, template)
     return template.text_template.format(
         question=build_question_text(record, template), instruction=template.instruction, suffix=suffix
     )
+
+
+def _type_suffix(problem_type: str, template: PromptTemplate) -> str:
+    kind = PROBLEM_TYPES.get(problem_type)
+    suffix = getattr(kind, "suffix", None)
+    return suffix if isinstance(suffix, str) else template.free_form_suffix
 
 
 def build_messages(

@@ -2,8 +2,12 @@
 
 * :func:`extract_answer` is the only place that reads an answer out of a completion; evaluation
   imports it (and :func:`answer_letter`) so training and evaluation agree by construction.
-* :func:`accuracy_reward` is 1.0 iff the stripped text inside the *first* ``<answer>...</answer>``
-  block equals the solution's letter exactly ("C" counts; "C.", "c", "C. Police car siren" do not).
+* :func:`accuracy_reward` scores each completion by its record's own ``problem_type``
+  (:mod:`echoink.problem_types`; multiple choice when the ``problem_type`` column is absent). For
+  multiple choice it is 1.0 iff the stripped text inside the *first* ``<answer>...</answer>`` block
+  equals the solution's letter exactly ("C" counts; "C.", "c", "C. Police car siren" do not); the
+  graded types give values in [0, 1]. :func:`score_answer` is the same rule for one completion
+  (evaluation uses it).
 * :func:`format_reward` is 1.0 iff the stripped completion is exactly one ``<think>...</think>``
   block, optional whitespace, and exactly one ``<answer>...</answer>`` block.
 * Both run in linear time (plain string searches; no backtracking regular expressions).
@@ -16,12 +20,14 @@
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+
+from echoink.problem_types import MULTIPLE_CHOICE, Score, get_problem_type
+from echoink.user_code import load_object
 
 __all__ = [
     "REWARDS",
@@ -37,6 +43,8 @@ __all__ = [
     "resolve_reward",
     "resolve_rewards",
     "reward_columns",
+    "reward_names",
+    "score_answer",
     "weighted_total",
 ]
 
@@ -148,10 +156,13 @@ def _solution_answer(solution: str) -> str:
 
 
 def accuracy_reward(completions: Sequence[Any], solutions: Sequence[str] | None = None, **columns: Any) -> list[float]:
-    """1.0 iff the first answer block's stripped content equals the solution's answer exactly.
+    """Each completion scored by its own record's problem type, in [0, 1].
 
-    ``solutions`` are ``"<answer>C</answer>"`` strings (or bare letters). The TRL-style call
-    ``accuracy_reward(completions, solution=[...], **other_columns)`` works too.
+    ``solutions`` are ``"<answer>C</answer>"`` strings (or bare answers). The TRL-style call
+    ``accuracy_reward(completions, solution=[...], problem_type=[...], **other_columns)`` scores each
+    completion by its ``problem_type`` (temporal retrieval also reads the ``duration`` column); without
+    a ``problem_type`` column every completion is multiple choice: 1.0 iff the first answer block's
+    stripped content equals the solution's answer exactly.
     """
     if solutions is None:
         solutions = columns.get("solution")
@@ -159,11 +170,47 @@ def accuracy_reward(completions: Sequence[Any], solutions: Sequence[str] | None 
         raise TypeError("accuracy_reward needs the solutions (positional, or the 'solution' column)")
     if len(solutions) != len(completions):
         raise ValueError(f"accuracy_reward got {len(completions)} completions but {len(solutions)} solutions")
-    rewards = []
-    for completion, solution in zip(completions, solutions):
-        given = extract_answer(completion_text(completion))
-        rewards.append(1.0 if given is not None and given == _solution_answer(solution) else 0.0)
-    return rewards
+    problem_types = columns.get("problem_type")
+    if problem_types is None:
+        rewards = []
+        for completion, solution in zip(completions, solutions):
+            given = extract_answer(completion_text(completion))
+            rewards.append(1.0 if given is not None and given == _solution_answer(solution) else 0.0)
+        return rewards
+    if len(problem_types) != len(completions):
+        raise ValueError(f"accuracy_reward got {len(completions)} completions but {len(problem_types)} problem types")
+    durations = columns.get("duration") or [None] * len(completions)
+    return [score_answer(completion, solution, problem_type, {"duration": duration}).value
+            for completion, solution, problem_type, duration in zip(completions, solutions, problem_types, durations)]
+
+
+def score_answer(completion: Any, solution: str, problem_type: str = MULTIPLE_CHOICE,
+                 fields: Mapping[str, Any] | None = None) -> Score:
+    """One completion's :class:`~echoink.problem_types.Score` (value in [0, 1], parsed or not) for its type.
+
+    ``solution`` is the record's ``"<answer>...</answer>"`` string; ``fields`` holds the record fields
+    the type needs (temporal retrieval: ``duration``). An unknown type raises ``ValueError`` naming the
+    known ones; a solution that does not parse raises ``ValueError`` (the loader refuses both).
+    """
+    try:
+        kind = get_problem_type(problem_type)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+    target = _parsed_solution(kind, _solution_answer(solution), dict(fields or {}))
+    return kind.score(extract_answer(completion_text(completion)), target)
+
+
+def _parsed_solution(kind: Any, answer: str, fields: dict) -> Any:
+    key = (kind.name, answer, repr(sorted(fields.items())))
+    cached = _SOLUTION_CACHE.get(key)
+    if cached is None:
+        cached = _SOLUTION_CACHE[key] = (kind.parse_solution(answer, fields),)
+        if len(_SOLUTION_CACHE) > 4096:
+            _SOLUTION_CACHE.pop(next(iter(_SOLUTION_CACHE)))
+    return cached[0]
+
+
+_SOLUTION_CACHE: dict[tuple, tuple] = {}
 
 
 def format_reward(completions: Sequence[Any], **columns: Any) -> list[float]:
@@ -207,19 +254,17 @@ def resolve_reward(spec: str | RewardFunc) -> RewardFunc:
     if ":" not in spec:
         raise ValueError(f"unknown reward {spec!r}: use one of {', '.join(REWARDS)} "
                          "or 'package.module:function' for your own")
-    module_name, _, attribute = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {spec!r}: cannot import module {module_name!r}: {exc}") from exc
-    function: Any = module
-    for part in attribute.split("."):
-        if not part or not hasattr(function, part):
-            raise ValueError(f"reward {spec!r}: module {module_name!r} has no attribute {attribute!r}")
-        function = getattr(function, part)
+    function = load_object(spec, "reward")
     if not callable(function):
-        raise ValueError(f"reward {spec!r}: {attribute!r} is not callable")
+        raise ValueError(f"reward {spec!r}: {spec.partition(':')[2]!r} is not callable")
     return function
+
+
+def reward_names(specs: Sequence[str]) -> list[str]:
+    """Column names for logs: the function's name after the colon ("pkg.mod:f" -> "f"), or the full
+    spec where two specs would share a short name ("pkg_a:f" and "pkg_b:f" keep their full specs)."""
+    short = [spec.rsplit(":", 1)[-1] for spec in specs]
+    return [name if short.count(name) == 1 else spec for name, spec in zip(short, specs)]
 
 
 def resolve_rewards(specs: Sequence[str | RewardFunc]) -> list[tuple[str, RewardFunc]]:
@@ -257,7 +302,8 @@ def weighted_total(rewards: np.ndarray, weights: np.ndarray | Sequence[float]) -
 def reward_columns(records: Sequence[Any]) -> dict[str, list]:
     """The per-sample columns user rewards receive, one entry per record (repeat a prompt's record once
     per completion): ``problem_id, problem, data_type, problem_type, options, solution, answer,
-    data_source, needs`` and every extra dataset field (None where a record lacks it)."""
+    data_source, needs, record`` (``FILE:INDEX`` of the record) and every extra dataset field (None
+    where a record lacks it)."""
     names = ("problem_id", "problem", "data_type", "problem_type", "options", "solution", "answer",
              "data_source", "needs")
     columns: dict[str, list] = {name: [] for name in names}
@@ -265,6 +311,7 @@ def reward_columns(records: Sequence[Any]) -> dict[str, list]:
         for name in names:
             value = getattr(record, name)
             columns[name].append(list(value) if name == "options" else value)
+    columns["record"] = [f"{record.source}:{record.index}" for record in records]
     extra_names = dict.fromkeys(key for record in records for key in record.extra)
     for key in extra_names:
         if key not in columns:
@@ -319,10 +366,11 @@ def _as_number(value: Any) -> float | None:
 
 
 def _sample(index: int, columns: Mapping[str, Sequence[Any]]) -> str:
-    problem_ids = columns.get("problem_id")
+    problem_ids, locations = columns.get("problem_id"), columns.get("record")
+    where = f"record {locations[index]} " if locations is not None and index < len(locations) else ""
     if problem_ids is not None and index < len(problem_ids):
-        return f"sample {index} (problem_id {problem_ids[index]!r})"
-    return f"sample {index}"
+        return f"{where}sample {index} (problem_id {problem_ids[index]!r})"
+    return f"{where}sample {index}"
 
 
 def _locate_failure(name: str, function: RewardFunc, completions: Sequence[Any],

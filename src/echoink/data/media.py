@@ -249,6 +249,8 @@ def load_image(path: str | Path, min_pixels: int = MIN_PIXELS, max_pixels: int =
                 image.draft("RGB", (target_h, target_w) if transposed else (target_w, target_h))
             image.seek(0)
             upright = ImageOps.exif_transpose(image)
+            if upright.mode in _HIGH_BIT_DEPTH_MODES and upright.size != (target_w, target_h):
+                upright = _resize_high_bit_depth(upright, (target_w, target_h))  # convert the small copy only
             rgb = _to_rgb(upright)
     except MediaError:
         raise
@@ -264,8 +266,19 @@ def image_size(path: str | Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
+    except Image.DecompressionBombError as exc:
+        raise MediaError(f"{path}: image too large to decode safely: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise MediaError(f"{path}: cannot read image header: {exc}") from None
+
+
+def _resize_high_bit_depth(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize a 16/32-bit image in its own mode (no full-resolution float copy); modes Pillow cannot
+    resample directly go through 32-bit integers ("I")."""
+    try:
+        return image.resize(size, Image.Resampling.BICUBIC)
+    except ValueError:
+        return image.convert("I").resize(size, Image.Resampling.BICUBIC)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -273,7 +286,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode in _HIGH_BIT_DEPTH_MODES:
-        values = np.asarray(image, dtype=np.float64)
+        values = np.asarray(image, dtype=np.float32)
         peak = 65535.0 if values.max(initial=0) > 255 else 255.0
         grey = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")

@@ -18,6 +18,10 @@ One record::
 
 :func:`load_dataset` validates every record before returning anything. Each problem is reported as
 ``FILE:INDEX:FIELD: reason`` and all problems are listed at once (:class:`DatasetError`).
+
+``problem_type`` must be a registered type (:mod:`echoink.problem_types`; a case slip such as
+"Multiple Choice" names the right spelling) and the solution must parse for it. Files may start with a
+UTF-8 byte-order mark; ``problem_id`` 0 and "0" are the same id (a duplicate).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
+
+from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, SolutionError, unknown_type_message
 
 __all__ = [
     "DATA_TYPES",
@@ -56,9 +62,6 @@ MEDIA_EXTENSIONS: dict[str, frozenset[str]] = {
     "image": frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}),
     "video": frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov"}),
 }
-
-#: The problem type whose options and answer letter are validated strictly.
-MULTIPLE_CHOICE = "multiple choice"
 
 #: Values the synthetic set uses for the optional ``needs`` field (other strings are accepted).
 NEEDS_VALUES = ("audio", "image", "audio+image", "video+audio", "text")
@@ -95,6 +98,7 @@ class Record:
     source: str
     index: int
     extra: dict[str, Any] = field(default_factory=dict)
+    target: Any = None  # the solution parsed for its problem type (a letter, a number, spans, ...)
 
     @property
     def is_multiple_choice(self) -> bool:
@@ -144,11 +148,11 @@ def validate_dataset(path: str | Path) -> tuple[list[Record], list[str]]:
 
     root = Path(path).absolute().parent.resolve()  # the file's own directory (links to the file are not followed)
     records: list[Record] = []
-    seen_ids: dict[Any, int] = {}
+    seen_ids: dict[str, int] = {}
     for index, item in enumerate(raw_items):
         record, item_problems = _validate_item(item, index, file, root)
         if record is not None:
-            first = seen_ids.setdefault(record.problem_id, index)
+            first = seen_ids.setdefault(str(record.problem_id), index)  # 0 and "0" are one id
             if first != index:
                 item_problems.append(f"{file}:{index}:problem_id: duplicate of record {first} ({record.problem_id!r})")
                 record = None
@@ -164,16 +168,21 @@ def validate_dataset(path: str | Path) -> tuple[list[Record], list[str]]:
 def _read_items(path: Path, file: str) -> tuple[list[Any] | None, list[str]]:
     """Parse the file as a JSON array, or as JSON Lines (``.jsonl`` / ``.ndjson`` or a file of objects)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is allowed
     except FileNotFoundError:
         return None, [f"{file}: file not found"]
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        return None, [f"{file}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                      "save the file as UTF-8"]
+    except OSError as exc:
         return None, [f"{file}: cannot read: {exc}"]
 
     if path.suffix.lower() in {".jsonl", ".ndjson"}:
         return _read_json_lines(text, file)
     try:
-        value = json.loads(text)
+        value = _loads(text)
+    except RecursionError:
+        return None, [f"{file}: JSON nested too deeply to read; records are flat objects"]
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             return _read_json_lines(text, file)  # objects one per line in a .json file
@@ -192,13 +201,35 @@ def _read_json_lines(text: str, file: str) -> tuple[list[Any] | None, list[str]]
         if not line.strip():
             continue
         try:
-            items.append(json.loads(line))
+            items.append(_loads(line))
+        except RecursionError:
+            problems.append(f"{file}:line {lineno}: JSON nested too deeply to read; records are flat objects")
         except json.JSONDecodeError as exc:
             problems.append(f"{file}:line {lineno} column {exc.colno}: invalid JSON: {exc.msg}")
     return (None if problems else items), problems
 
 
+class _LongInteger:
+    """An integer literal too long to be a useful value (Python refuses over 4,300 digits)."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+
+_MAX_INTEGER_DIGITS = 100
+
+
+def _parse_int(literal: str) -> int | _LongInteger:
+    return int(literal) if len(literal.lstrip("-")) <= _MAX_INTEGER_DIGITS else _LongInteger(literal)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, parse_int=_parse_int)
+
+
 def _json_kind(value: Any) -> str:
+    if isinstance(value, _LongInteger):
+        return f"an integer of {len(value.digits.lstrip('-'))} digits (at most {_MAX_INTEGER_DIGITS})"
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
              int: "a number", float: "a number"}
     return names.get(type(value), type(value).__name__)
@@ -225,6 +256,9 @@ def _validate_item(item: Any, index: int, file: str, root: Path) -> tuple[Record
 
     problem = _required_string(item, "problem", report)
     problem_type = _required_string(item, "problem_type", report)
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        report("problem_type", unknown_type_message(problem_type))
+        problem_type = None
     data_type = _required_string(item, "data_type", report)
     if data_type is not None and data_type not in DATA_TYPES:
         report("data_type", f"unknown data_type {data_type!r}; expected one of {', '.join(DATA_TYPES)}")
@@ -232,6 +266,7 @@ def _validate_item(item: Any, index: int, file: str, root: Path) -> tuple[Record
 
     options = _validate_options(item, problem_type, report)
     solution, answer = _validate_solution(item, problem_type, options, report)
+    target, fields = _validate_for_type(item, problem_type, answer, report)
     media = _validate_paths(item, data_type, root, report)
 
     data_source = item.get("data_source")
@@ -256,7 +291,8 @@ def _validate_item(item: Any, index: int, file: str, root: Path) -> tuple[Record
         needs=needs,
         source=file,
         index=index,
-        extra={key: value for key, value in item.items() if key not in _KNOWN_FIELDS},
+        extra={key: fields.get(key, value) for key, value in item.items() if key not in _KNOWN_FIELDS},
+        target=target,
     )
     return record, []
 
@@ -327,6 +363,29 @@ def _validate_solution(item: dict, problem_type: str | None, options: list[str],
             report("solution", f"answer {_shorten(answer)!r} is not one of the option letters {', '.join(letters)}")
             return "", ""
     return solution, answer
+
+
+def _validate_for_type(item: dict, problem_type: str | None, answer: str, report) -> tuple[Any, dict]:
+    """Fields the type requires (e.g. ``duration``) and the solution parsed for the type."""
+    if problem_type is None:
+        return None, {}
+    kind = PROBLEM_TYPES[problem_type]
+    fields: dict[str, Any] = {}
+    for name in kind.required_fields:
+        if name not in item:
+            report(name, f"missing (problem_type {problem_type!r} needs it)")
+            continue
+        try:
+            fields[name] = kind.check_field(name, item[name])
+        except SolutionError as exc:
+            report(name, str(exc))
+    if not answer or len(fields) < len(kind.required_fields):
+        return None, fields
+    try:
+        return kind.parse_solution(answer, {**item, **fields}), fields
+    except (ValueError, TypeError) as exc:  # SolutionError, or a user type's own parsing error
+        report("solution", f"{exc} (problem_type {problem_type!r})")
+        return None, fields
 
 
 def _validate_paths(item: dict, data_type: str | None, root: Path, report) -> dict[str, Path]:

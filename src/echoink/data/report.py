@@ -1,6 +1,6 @@
 """The report ``echoink data validate`` prints: validation problems plus dataset statistics.
 
-Statistics: records per ``data_type`` (and per ``needs`` when present), the answer-letter distribution,
+Statistics: records per ``data_type`` and ``problem_type`` (and per ``needs`` when present), the answer-letter distribution,
 audio durations and image sizes (read from file headers). With ``check_media=True`` every media file
 is also fully decoded with the training loaders (:mod:`echoink.data.media`), and any failure is a
 problem ``FILE:INDEX:path.KIND: reason``.
@@ -43,6 +43,7 @@ class DatasetReport:
     problems: list[str]
     data_types: Counter = field(default_factory=Counter)
     needs: Counter = field(default_factory=Counter)
+    problem_types: Counter = field(default_factory=Counter)
     answer_letters: Counter = field(default_factory=Counter)
     audio_seconds: SummaryStats = field(default_factory=SummaryStats)
     audio_over_cap: int = 0
@@ -63,6 +64,7 @@ def build_report(path: str | Path, check_media: bool = False) -> DatasetReport:
     report = DatasetReport(path=str(path), records=records, problems=list(problems), media_checked=check_media)
     report.data_types = Counter(record.data_type for record in records)
     report.needs = Counter(record.needs for record in records if record.needs is not None)
+    report.problem_types = Counter(record.problem_type for record in records)
     report.answer_letters = Counter(record.answer for record in records if record.is_multiple_choice)
 
     durations: list[float] = []

@@ -23,6 +23,19 @@ video_colour_at_beep video_audio  video+audio   a moving shape changes colour: i
 text_arithmetic      text         text          sum of two digits
 ==================== ============ ============= ==========================================================
 
+Families of the other problem types (``TASK_FAMILIES``; only when named, e.g. ``--families
+image_colour,beep_count,tone_span``; records carry no options and ``<answer>`` holds the value):
+
+==================== ============ ================== =====================================================
+family               data_type    problem_type       question
+==================== ============ ================== =====================================================
+beep_count           audio        counting           how many beeps (1 to 5) in 2 s of audio
+tone_hz              audio        numerical          frequency of a pure tone in Hz (220 / 440 / 880 / 1760)
+tone_hz_regression   audio        regression         frequency of a pure tone in Hz (200 to 2000, 10 Hz steps)
+tone_span            video_audio  temporal retrieval when the tone sounds in a 4 s video's audio track;
+                                                     ``duration`` 4.0, solution ``[start, end]`` (0.1 s steps)
+==================== ============ ================== =====================================================
+
 ``image_colour`` and ``audio_pitch`` have very distinct stimuli so a tiny randomly initialised model
 can learn them by RL in minutes (the demo); the other families are harder. Options are shuffled so
 the answer letters are balanced within each family (A, B, C, D in turn, in random order); with
@@ -54,6 +67,7 @@ __all__ = [
     "SHAPES",
     "Family",
     "SynthItem",
+    "TASK_FAMILIES",
     "encode_mp4",
     "generate_items",
     "write_split",
@@ -88,6 +102,8 @@ class SynthItem:
     ``choices`` are the option texts in the family's fixed order and ``answer_index`` points into
     them. Media: ``image`` (PIL, RGB), ``audio`` (float32 at 16 kHz; for ``video_audio`` items it is
     the video's sound track) and ``video`` (uint8 frames ``[F, H, W, 3]`` at ``VIDEO_FPS``).
+    Other problem types have no choices (``answer_index`` -1) and their answer in ``answer_text``;
+    temporal retrieval items carry the clip's ``duration`` in seconds.
     """
 
     family: str
@@ -99,6 +115,9 @@ class SynthItem:
     image: Image.Image | None = None
     audio: np.ndarray | None = None
     video: np.ndarray | None = None
+    problem_type: str = "multiple choice"
+    answer_text: str | None = None
+    duration: float | None = None
 
 
 @dataclass(frozen=True)
@@ -288,6 +307,53 @@ def _text_arithmetic(rng: np.random.Generator) -> SynthItem:
                      choices.index(total))
 
 
+def _beep_count(rng: np.random.Generator) -> SynthItem:
+    count = int(rng.integers(1, 6))
+    return SynthItem("beep_count", "audio", "audio", "How many beeps do you hear?", [], -1,
+                     audio=_beeps(count, 2.0, rng), problem_type="counting", answer_text=str(count))
+
+
+def _tone_hz(rng: np.random.Generator) -> SynthItem:
+    frequency = list(PITCHES.values())[int(rng.integers(len(PITCHES)))]
+    audio = _tone(frequency, float(rng.uniform(1.0, 1.5)), float(rng.uniform(0.3, 0.6)))
+    return SynthItem("tone_hz", "audio", "audio", "What is the frequency of the tone, in Hz?", [], -1,
+                     audio=audio, problem_type="numerical", answer_text=f"{frequency:.0f}")
+
+
+def _tone_hz_regression(rng: np.random.Generator) -> SynthItem:
+    frequency = 10.0 * int(rng.integers(20, 201))
+    audio = _tone(frequency, float(rng.uniform(1.0, 1.5)), float(rng.uniform(0.3, 0.6)))
+    return SynthItem("tone_hz_regression", "audio", "audio", "Estimate the frequency of the tone, in Hz.", [], -1,
+                     audio=audio, problem_type="regression", answer_text=f"{frequency:.0f}")
+
+
+SPAN_VIDEO_SECONDS = 4.0
+
+
+def _tone_span(rng: np.random.Generator) -> SynthItem:
+    start = round(float(rng.uniform(0.2, 2.0)), 1)
+    end = round(min(SPAN_VIDEO_SECONDS - 0.2, start + float(rng.uniform(0.8, 1.8))), 1)
+    frame_count = int(VIDEO_FPS * SPAN_VIDEO_SECONDS)
+    image = _random_shape_image(rng)
+    frames = np.stack([np.asarray(image)] * frame_count)
+    track = np.zeros(int(SPAN_VIDEO_SECONDS * SAMPLE_RATE), dtype=np.float32)
+    _place(track, _tone(BEEP_HZ, end - start, 0.5), start)
+    return SynthItem("tone_span", "video_audio", "video+audio", "A tone sounds", [], -1, audio=track,
+                     video=frames, problem_type="temporal retrieval", answer_text=f"[{start:.1f}, {end:.1f}]",
+                     duration=SPAN_VIDEO_SECONDS)
+
+
+#: Families of the other problem types (not in the default mix; name them).
+TASK_FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (
+        Family("beep_count", _beep_count, 2.0),
+        Family("tone_hz", _tone_hz, 2.0),
+        Family("tone_hz_regression", _tone_hz_regression, 2.0),
+        Family("tone_span", _tone_span, 2.0),
+    )
+}
+
 #: All families, in a fixed order. ``weight`` sets each family's share of a split.
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -302,6 +368,9 @@ FAMILIES: dict[str, Family] = {
         Family("text_arithmetic", _text_arithmetic, 1.0),
     )
 }
+
+
+_ALL_FAMILIES: dict[str, Family] = {**FAMILIES, **TASK_FAMILIES}
 
 
 # ---- assembling a split -----------------------------------------------------------------------------
@@ -338,7 +407,7 @@ def generate_items(
     order_rng = np.random.default_rng([seed, split_code, 1_000_003])
     plan = [name for family, n in zip(chosen, _allocate(count, chosen)) for name in [family.name] * n]
     plan = [plan[i] for i in order_rng.permutation(len(plan))]
-    return [FAMILIES[name].generate(np.random.default_rng([seed, split_code, position]))
+    return [_ALL_FAMILIES[name].generate(np.random.default_rng([seed, split_code, position]))
             for position, name in enumerate(plan)]
 
 
@@ -370,18 +439,24 @@ def write_split(
         options, letter = _letter_options(item, target if shuffle_options else None,
                                           np.random.default_rng([seed, _split_code(split), position, 7]))
         paths = _write_media(split_dir, problem_id, item)
-        records.append({
+        record = {
             "problem_id": problem_id,
             "problem": item.problem,
             "data_type": item.data_type,
-            "problem_type": "multiple choice",
+            "problem_type": item.problem_type,
             "options": options,
             "solution": f"<answer>{letter}</answer>",
             "path": paths,
             "data_source": DATA_SOURCE,
             "needs": item.needs,
             "family": item.family,
-        })
+        }
+        if item.answer_text is not None:  # another problem type: no options, the value as the answer
+            del record["options"]
+            record["solution"] = f"<answer>{item.answer_text}</answer>"
+        if item.duration is not None:
+            record["duration"] = item.duration
+        records.append(record)
         family_counts[item.family] = family_counts.get(item.family, 0) + 1
     json_path = write_json_atomic(split_dir / f"omni_rl_format_{split}.json", records)
     return {"json": str(json_path), "count": len(records), "families": family_counts}
@@ -418,10 +493,10 @@ def write_synthetic_dataset(
 def _choose_families(names: list[str] | tuple[str, ...] | None) -> list[Family]:
     if names is None:
         return list(FAMILIES.values())
-    unknown = [name for name in names if name not in FAMILIES]
+    unknown = [name for name in names if name not in _ALL_FAMILIES]
     if unknown or not names:
-        raise ValueError(f"unknown synthetic families {unknown}; choose from {', '.join(FAMILIES)}")
-    return [FAMILIES[name] for name in dict.fromkeys(names)]
+        raise ValueError(f"unknown synthetic families {unknown}; choose from {', '.join(_ALL_FAMILIES)}")
+    return [_ALL_FAMILIES[name] for name in dict.fromkeys(names)]
 
 
 def _split_code(split: str) -> int:
@@ -436,7 +511,8 @@ def _balanced_letters(items: list[SynthItem], rng: np.random.Generator) -> list[
     targets = [0] * len(items)
     by_family: dict[str, list[int]] = {}
     for position, item in enumerate(items):
-        by_family.setdefault(item.family, []).append(position)
+        if item.choices:  # multiple choice only
+            by_family.setdefault(item.family, []).append(position)
     cursor = 0
     for family in sorted(by_family):
         positions = by_family[family]
@@ -449,6 +525,8 @@ def _balanced_letters(items: list[SynthItem], rng: np.random.Generator) -> list[
 
 def _letter_options(item: SynthItem, target: int | None, rng: np.random.Generator) -> tuple[list[str], str]:
     """Letter the choices; with a ``target`` slot the answer goes there and the others are shuffled."""
+    if not item.choices:
+        return [], ""
     if target is None:
         ordered = list(range(len(item.choices)))
     else:

@@ -7,7 +7,9 @@ would be zero and no group would have any signal. The warm-up trains on
 
 where L is a letter drawn uniformly at random, independently of the question. The model learns the
 format and a roughly uniform letter distribution; it learns nothing about which letter is right
-(its accuracy stays at chance — the demo measures it). Real models (Qwen2.5-Omni-7B) need no warm-up.
+(its accuracy stays at chance — the demo measures it). For other problem types (counting, spans, ...)
+L is the answer of a random record of the same problem type, again independent of the question: the
+model learns the answer's form and the answers' overall distribution, not which answer is right. Real models (Qwen2.5-Omni-7B) need no warm-up.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def format_warmup(model, processor, records, steps: int = 100, batch_size: int =
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     prompts = {}  # encode each record once
+    answers_by_type: dict[str, list[str]] = {}
+    for record in records:
+        answers_by_type.setdefault(record.problem_type, []).append(record.answer)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                   weight_decay=0.0)
     model.train()
@@ -47,8 +52,9 @@ def format_warmup(model, processor, records, steps: int = 100, batch_size: int =
         for record in rng.sample(records, min(batch_size, len(records))):
             if record.problem_id not in prompts:
                 prompts[record.problem_id] = encode_prompt(record, processor, media_options, template)
-            letter = rng.choice(record.option_letters)
-            ids = tokenizer(warmup_target(letter), add_special_tokens=False, return_tensors="pt")["input_ids"]
+            answer = (rng.choice(record.option_letters) if record.is_multiple_choice
+                      else rng.choice(answers_by_type[record.problem_type]))
+            ids = tokenizer(warmup_target(answer), add_special_tokens=False, return_tensors="pt")["input_ids"]
             ids = torch.cat([ids, torch.tensor([[eos_id]])], dim=1)                       # [1, C]
             mask, truncated = completion_mask(ids, eos_id)
             groups.append(Group(prompt=prompts[record.problem_id], completion_ids=ids, completion_mask=mask,

@@ -10,6 +10,8 @@ A prediction row (one line of ``predictions.jsonl``) is a dict with
     data_type     optional, e.g. "image_audio", for the per-type breakdown
     needs         optional, str or list of str (e.g. ["audio", "visual"]), for the per-needs breakdown
     reply_tokens  optional int, generated tokens
+    problem_type  optional (default "multiple choice"), for the per-type measures
+    score         optional float in [0, 1] (default: ``correct`` as 0/1), the graded types' score
 
 Everything here is a pure function of lists and numbers except :func:`load_predictions`, which reads a file.
 """
@@ -25,6 +27,7 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from echoink.io import JsonlError, iter_jsonl
+from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES
 from echoink.rewards import format_reward
 
 Row = dict[str, Any]
@@ -57,6 +60,26 @@ def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
     lo = 0.0 if k == 0 else max(0.0, centre - half)  # exact bounds at the edges (no 1e-17 rounding residue)
     hi = 1.0 if k == n else min(1.0, centre + half)
     return (lo, hi)
+
+
+def bootstrap_mean_interval(values: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0,
+                            confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (resampled with replacement, ``n_boot`` draws).
+
+    Memory stays bounded (draws are made in chunks). ``(nan, nan)`` for no values.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_boot)
+    chunk = max(1, 2_000_000 // values.size)
+    for start in range(0, n_boot, chunk):
+        stop = min(n_boot, start + chunk)
+        boot[start:stop] = values[rng.integers(0, values.size, size=(stop - start, values.size))].mean(axis=1)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    return (float(low), float(high))
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -153,6 +176,45 @@ def _breakdown(rows: Sequence[Row], key_of) -> dict[str, dict[str, float]]:
     return {key: _accuracy_block(groups[key]) for key in sorted(groups)}
 
 
+def _problem_type(row: Row) -> str:
+    return str(row.get("problem_type") or MULTIPLE_CHOICE)
+
+
+def _row_score(row: Row) -> float:
+    score = row.get("score")
+    return float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else float(bool(row["correct"]))
+
+
+def type_measure(problem_type: str, rows: Sequence[Row], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """One problem type's measure over its rows.
+
+    Binary types (multiple choice, numerical, counting, binary user types; an unregistered type whose
+    scores are all 0 or 1): ``measure`` "accuracy", ``value`` = share correct, 95% Wilson interval.
+    Graded types (regression, OCR, free-form, temporal retrieval, ...): ``measure`` "mean score",
+    ``value`` = mean ``score``, 95% percentile bootstrap interval over rows (``n_boot``, ``seed``).
+    Also ``n`` and ``unparsed_rate`` (share of rows whose ``pred`` is None).
+    """
+    scores = [_row_score(row) for row in rows]
+    kind = PROBLEM_TYPES.get(problem_type)
+    binary = kind.binary if kind is not None else all(value in (0.0, 1.0) for value in scores)
+    block: dict[str, Any] = {"n": len(rows), "unparsed_rate": sum(row.get("pred") is None for row in rows) / len(rows)}
+    if binary:
+        correct = sum(bool(row["correct"]) for row in rows)
+        low, high = wilson_interval(correct, len(rows))
+        block.update(measure="accuracy", value=correct / len(rows), ci_low=low, ci_high=high)
+    else:
+        low, high = bootstrap_mean_interval(scores, n_boot=n_boot, seed=seed)
+        block.update(measure="mean score", value=statistics.fmean(scores), ci_low=low, ci_high=high)
+    return block
+
+
+def _type_breakdown(rows: Sequence[Row], key_of) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[Row]] = defaultdict(list)
+    for row in rows:
+        groups[key_of(row)].append(row)
+    return {key: type_measure(_problem_type(groups[key][0]), groups[key]) for key in sorted(groups)}
+
+
 def majority_vote_correct(samples: Sequence[Row]) -> bool:
     """Whether the plurality answer of one problem's samples is correct.
 
@@ -183,6 +245,9 @@ def accuracy_summary(rows: Sequence[Row]) -> dict[str, Any]:
       ``mean_reply_tokens`` (None when not recorded).
     * ``by_data_type`` / ``by_needs``: ``{key: {n, accuracy, ci_low, ci_high}}``; ``needs`` lists are keyed by
       their sorted items joined with "+"; rows without the field are left out.
+    * ``by_problem_type`` / ``by_problem_type_data_type`` (keys "TYPE × DATA_TYPE"): each type with its own
+      measure (:func:`type_measure`): accuracy with a Wilson interval for binary types, mean score with a
+      bootstrap interval for graded ones; each with its ``unparsed_rate``.
     * ``per_sample_accuracy``: accuracy of sample index 0, 1, ..., K-1 (list, by index);
       ``accuracy_mean`` / ``accuracy_std``: mean and sample standard deviation of that list (std 0 when K = 1).
     * ``majority_vote_accuracy`` (see :func:`majority_vote_correct`).
@@ -204,6 +269,9 @@ def accuracy_summary(rows: Sequence[Row]) -> dict[str, Any]:
 
     summary["by_data_type"] = _breakdown(rows, lambda row: None if row.get("data_type") is None else str(row["data_type"]))
     summary["by_needs"] = _breakdown(rows, lambda row: None if row.get("needs") is None else _needs_key(row["needs"]))
+    summary["by_problem_type"] = _type_breakdown(rows, _problem_type)
+    summary["by_problem_type_data_type"] = _type_breakdown(
+        rows, lambda row: f"{_problem_type(row)} × {row.get('data_type', '-')}")
 
     by_index: dict[int, list[bool]] = defaultdict(list)
     for row in rows:
@@ -256,14 +324,7 @@ def paired_comparison(
     differences = scores_a - scores_b
     wins, losses = int((differences > 0).sum()), int((differences < 0).sum())
 
-    rng = np.random.default_rng(seed)
-    boot = np.empty(n_boot)
-    chunk = max(1, 2_000_000 // len(shared))  # bounded memory for large sets
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        picks = rng.integers(0, len(shared), size=(stop - start, len(shared)))
-        boot[start:stop] = differences[picks].mean(axis=1)
-    ci_low, ci_high = np.percentile(boot, [2.5, 97.5])
+    ci_low, ci_high = bootstrap_mean_interval(differences, n_boot=n_boot, seed=seed)
 
     return {
         "n_shared": len(shared),

@@ -60,7 +60,7 @@ from transformers import GenerationConfig
 
 from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
 from echoink.data.records import Record, load_dataset
-from echoink.eval.metrics import wilson_interval
+from echoink.eval.metrics import type_measure, wilson_interval
 from echoink.model.generation import (
     SamplingSettings,
     completion_mask,
@@ -71,8 +71,9 @@ from echoink.model.generation import (
 )
 from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
 from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
+from echoink.problem_types import register_problem_types
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from echoink.rewards import answer_letter, extract_answer, format_reward
+from echoink.rewards import answer_letter, extract_answer, format_reward, score_answer
 
 __all__ = [
     "EOS_TOKEN",
@@ -173,10 +174,16 @@ def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationC
 def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncated: bool, *, lenient: bool,
          common: dict[str, Any]) -> Row:
     """One prediction line. Multiple choice: the option letter (`answer_letter`); other problems: the
-    stripped answer block, compared exactly (the accuracy reward's rule)."""
-    pred = answer_letter(reply, lenient=lenient) if record.is_multiple_choice else extract_answer(reply)
+    stripped answer block scored by the record's problem type (`rewards.score_answer`, the accuracy
+    reward's rule): `score` in [0, 1], `correct` iff the score is 1, `pred` None when it does not parse."""
+    if record.is_multiple_choice:
+        pred = answer_letter(reply, lenient=lenient)
+        score = float(pred is not None and pred == record.answer)
+    else:
+        scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        pred, score = (extract_answer(reply) if scored.parsed else None), scored.value
     row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
-                "correct": pred is not None and pred == record.answer, "reply": reply,
+                "correct": score == 1.0, "score": score, "problem_type": record.problem_type, "reply": reply,
                 "data_type": record.data_type}
     if record.needs is not None:
         row["needs"] = record.needs
@@ -322,7 +329,8 @@ def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
     n (rows), n_problems, samples_per_problem, accuracy with its 95% Wilson interval (ci_low, ci_high;
     rows treated as independent), unparsed_rate (pred null), format_rate (format reward of the reply),
     truncated_rate (no `<|im_end|>` within max_new_tokens), mean_reply_tokens and
-    accuracy_by_data_type {data_type: accuracy}. Rates are None when there are no rows.
+    accuracy_by_data_type {data_type: accuracy}, by_problem_type {type: its measure}. Rates are None when
+    there are no rows.
     """
     n = len(rows)
     problems: dict[str, int] = {}
@@ -349,7 +357,16 @@ def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
         "truncated_rate": rate([float(bool(row.get("truncated", False))) for row in rows]),
         "mean_reply_tokens": rate([float(row["reply_tokens"]) for row in rows if "reply_tokens" in row]),
         "accuracy_by_data_type": {key: sum(v) / len(v) for key, v in sorted(by_type.items())},
+        "by_problem_type": _by_problem_type(rows),
     }
+
+
+def _by_problem_type(rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
+    """Each problem type's own measure (`eval.metrics.type_measure`); rows without the field are multiple choice."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(str(row.get("problem_type") or "multiple choice"), []).append(row)
+    return {kind: type_measure(kind, kind_rows) for kind, kind_rows in sorted(groups.items())}
 
 
 # ---- the output file and its run signature ---------------------------------------------------------
@@ -518,6 +535,7 @@ def training_evaluator(config) -> Callable[[Any, Any], dict[str, float]] | None:
     """
     if not config.eval_steps:
         return None
+    register_problem_types(config.problem_types)
     records = load_dataset(config.eval_data)
     subset = records[: config.eval_limit] if config.eval_limit else records
     template = PromptTemplate.from_dict(config.prompt_template)
@@ -527,6 +545,9 @@ def training_evaluator(config) -> Callable[[Any, Any], dict[str, float]] | None:
     def evaluate_now(model, processor) -> dict[str, float]:
         summary = evaluate_loaded(model, processor, subset, batch_size=config.eval_batch_size,
                                   max_new_tokens=max_new_tokens, template=template, media_options=media_options)
-        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        metrics = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
+        metrics.update({f"eval/{block['measure'].replace(' ', '_')}_by_type/{kind.replace(' ', '_')}": block["value"]
+                        for kind, block in summary["by_problem_type"].items()})
+        return metrics
 
     return evaluate_now

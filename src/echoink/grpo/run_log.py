@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -111,13 +110,19 @@ class RunLog:
     def _average_over_ranks(self, metrics: dict) -> dict:
         if self.accelerator.num_processes == 1:
             return dict(metrics)
-        keys = sorted(metrics)
-        weight = float(metrics.get("num_groups", 1.0))
-        local = torch.tensor([[weight] + [float(metrics[k]) * weight for k in keys]], device=self.accelerator.device)
-        gathered = self.accelerator.gather(local)                                          # [ranks, 1 + K]
-        total_weight = gathered[:, 0].sum().clamp(min=1e-12)
-        averaged = {k: (gathered[:, i + 1].sum() / total_weight).item() for i, k in enumerate(keys)}
-        averaged["num_groups"] = gathered[:, 0].sum().item()
+        # ranks may report different keys (a rank without groups, problem types seen on one rank only):
+        # each key is averaged over the ranks that report it, weighted by their num_groups
+        from accelerate.utils import gather_object
+
+        per_rank = gather_object([{k: float(v) for k, v in metrics.items()}])
+        averaged = {}
+        for key in sorted({k for rank in per_rank for k in rank}):
+            reporting = [rank for rank in per_rank if key in rank]
+            weights = [rank.get("num_groups", 1.0) for rank in reporting]
+            total = sum(weights)
+            averaged[key] = (sum(w * rank[key] for w, rank in zip(weights, reporting)) / total if total > 0
+                             else sum(rank[key] for rank in reporting) / len(reporting))
+        averaged["num_groups"] = sum(rank.get("num_groups", 0.0) for rank in per_rank)
         return averaged
 
     def _gather_completions(self, step: int, groups: list[Group], reward_names: list[str]) -> list[dict]:

@@ -1,5 +1,12 @@
 """What one GRPO step logs, computed from its groups: EchoInk-R1's keys plus ours (local to this rank;
-`RunLog` averages them over ranks, weighted by `num_groups`)."""
+`RunLog` averages them over ranks, weighted by `num_groups`).
+
+Per problem type T present in the step (spaces in T become "_"): ``reward_by_type/T`` (mean weighted
+total reward of T's completions) and ``accuracy_by_type/T`` (mean of the accuracy column). ``all_equal``:
+share of groups whose totals are all equal (max == min: no signal), for every type. ``all_correct`` /
+``all_wrong`` (accuracy 1 / 0 for the whole group) count binary types' groups only (multiple choice,
+numerical, counting, binary user types) and are left out of a step without such groups: a graded
+score of 0.4 is neither right nor wrong."""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import torch
 from echoink.grpo.advantages import group_reward_stats
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.types import ScoredGroup
+from echoink.problem_types import PROBLEM_TYPES
 
 
 def step_metrics(groups: list[ScoredGroup], rewards: RewardSet, num_generations: int) -> dict:
@@ -20,11 +28,29 @@ def step_metrics(groups: list[ScoredGroup], rewards: RewardSet, num_generations:
         for j, name in enumerate(rewards.names):
             metrics[f"rewards/{name}"] = table[:, j].mean().item()
         metrics.update(group_reward_stats(totals, num_generations))
-        if "accuracy" in rewards.names:
-            accuracy = table[:, rewards.names.index("accuracy")].view(-1, num_generations)     # [B, G]
-            metrics["all_correct"] = (accuracy == 1).all(dim=1).float().mean().item()
-            metrics["all_wrong"] = (accuracy == 0).all(dim=1).float().mean().item()
+        metrics.update(_group_outcomes(groups, table, totals, rewards, num_generations))
         lengths = torch.cat([g.completion_lengths for g in groups]).float()
         metrics["completion_length"] = lengths.mean().item()
         metrics["truncated_ratio"] = torch.cat([g.truncated for g in groups]).float().mean().item()
     return metrics
+
+
+def _group_outcomes(groups: list[ScoredGroup], table: torch.Tensor, totals: torch.Tensor, rewards: RewardSet,
+                    num_generations: int) -> dict:
+    """all_equal over every group; all_correct/all_wrong over binary types; per-type means."""
+    grouped_totals = totals.view(-1, num_generations)                                       # [B, G]
+    out = {"all_equal": (grouped_totals.max(dim=1).values == grouped_totals.min(dim=1).values).float().mean().item()}
+    has_accuracy = "accuracy" in [name for name, _ in rewards.funcs]
+    accuracy = table[:, rewards.accuracy_index].view(-1, num_generations)                   # [B, G]
+    types = [getattr(g.record, "problem_type", "multiple choice") for g in groups]
+    binary = torch.tensor([bool(getattr(PROBLEM_TYPES.get(t), "binary", False)) for t in types])  # [B]
+    if has_accuracy and binary.any():
+        out["all_correct"] = (accuracy[binary] == 1).all(dim=1).float().mean().item()
+        out["all_wrong"] = (accuracy[binary] == 0).all(dim=1).float().mean().item()
+    for kind in dict.fromkeys(types):
+        rows = torch.tensor([t == kind for t in types])                                      # [B]
+        key = kind.replace(" ", "_")
+        out[f"reward_by_type/{key}"] = grouped_totals[rows].mean().item()
+        if has_accuracy:
+            out[f"accuracy_by_type/{key}"] = accuracy[rows].mean().item()
+    return out
