@@ -2,8 +2,9 @@
 
 A file is named by a short label ``[1]``, ``[2]`` ... in the column header and listed in full once, above
 its table (:func:`file_legend`), so a long path never squeezes the numbers. Files are shown
-`FILES_PER_TABLE` to a table: with more files, several tables follow each other. Every cell is at most 20
-characters ("55.0 [45.2, 64.4]"), so a table of three files is 76 characters wide.
+`FILES_PER_TABLE` to a table: with more files, several tables follow each other. A proportion and its
+interval take two rows ("55.0", then "[45.2, 64.4]"), so a value is at most 14 characters and a measure at
+most 22: a table of three files is at most 77 characters wide (a longer group name wraps, it is never cut).
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ FILES_PER_TABLE = 3
 
 def percent_ci(value: float, low: float, high: float) -> str:
     """``55.0 [45.2, 64.4]``: a proportion and its interval, in percent."""
-    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{100 * value:.1f} {_interval(low, high)}"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _percent(value: float | None) -> str:
@@ -32,8 +37,9 @@ def summary_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("rows (answers)", str(summary["n"])),
         ("problems", str(summary["n_problems"])),
-        ("accuracy [95% CI]", percent_ci(summary["accuracy"], summary["ci_low"], summary["ci_high"])),
-        ("samples per problem K", str(k)),
+        ("accuracy", _percent(summary["accuracy"])),
+        ("  95% Wilson CI", _interval(summary["ci_low"], summary["ci_high"])),
+        ("samples/problem K", str(k)),
         ("mean±std over samples", f"{100 * summary['accuracy_mean']:.1f}±{100 * summary['accuracy_std']:.1f}"),
         ("majority vote", _percent(summary["majority_vote_accuracy"])),
         (f"pass@k (k={len(passes)})", _percent(pass_k)),
@@ -44,12 +50,14 @@ def summary_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def breakdown_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """Rows ``data_type=image_audio (n=40)`` -> accuracy [CI], for the per-type and per-needs breakdowns."""
+    """Three rows per group of the per-type and per-needs breakdowns: ``type image_audio`` (accuracy), its
+    interval and its number of rows."""
     rows = []
-    for by in ("data_type", "needs"):
+    for by, short in (("data_type", "type"), ("needs", "needs")):
         for group, block in summary[f"by_{by}"].items():
-            rows.append((f"{by}={group}", f"{percent_ci(block['accuracy'], block['ci_low'], block['ci_high'])}"
-                                          f" n={block['n']}"))
+            rows += [(f"{short} {group}", _percent(block["accuracy"])),
+                     (f"{short} {group}: CI", _interval(block["ci_low"], block["ci_high"])),
+                     (f"{short} {group}: n", str(block["n"]))]
     return rows
 
 
@@ -61,7 +69,7 @@ def comparison_measures(comparison: dict[str, Any]) -> list[tuple[str, str]]:
         ("accuracy (this file)", _percent(c["accuracy_a"])),
         ("accuracy (baseline)", _percent(c["accuracy_b"])),
         ("difference, points", f"{100 * c['difference']:+.1f}"),
-        ("95% bootstrap CI", f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"),
+        ("  95% bootstrap CI", f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"),
         ("wins/losses/ties", f"{c['wins']}/{c['losses']}/{c['ties']}"),
         ("McNemar p", f"{c['mcnemar_p']:.4g}"),
     ]
@@ -92,7 +100,7 @@ def measure_tables(title: str, per_file: dict[str, list[tuple[str, str]]]) -> It
         part = f" ({start // FILES_PER_TABLE + 1}/{-(-len(names) // FILES_PER_TABLE)})" \
             if len(names) > FILES_PER_TABLE else ""
         table = Table(title=title + part, title_justify="left")
-        table.add_column("measure", no_wrap=True)
+        table.add_column("measure", overflow="fold", max_width=22)
         for i in chunk:
             table.add_column(labels[i], justify="right", no_wrap=True)
         values = [dict(per_file[names[i]]) for i in chunk]
