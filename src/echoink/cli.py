@@ -216,6 +216,8 @@ def train_command(
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
 
+    from echoink.export import write_model_card
+
     try:
         final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
                       evaluate=training_evaluator(cfg))
@@ -223,7 +225,11 @@ def train_command(
         _fail(str(exc))
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
-    typer.echo(f"final model: {final}")
+    try:
+        card = write_model_card(final, run_dir=cfg.output_dir, config=cfg.to_dict())
+    except NoSpaceLeftError as exc:
+        _fail(f"{exc} (the model in {final} is complete; only its README.md model card was not written)")
+    typer.echo(f"final model: {final} (model card: {card})")
 
 
 def _working_directory_importable() -> None:
@@ -419,6 +425,33 @@ def metrics_command(
                                    ("  of which article 'a'", str(counts["article_a"]))]
         for table in measure_tables("Paired comparison (per-problem score; difference in points)", per_file):
             console.print(table)
+
+
+@app.command("export", cls=FlagCommand)
+def export_command(
+    model: Path = typer.Option(..., "--model", help="Trained model: RUN/final, a LoRA adapter dir, or a full layout."),
+    out: Path = typer.Option(..., "--out", help="New directory to write (an existing one is never replaced)."),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="The published base checkpoint (full layout): its talker, token2wav "
+                                             "and speakers are copied; required for --layout full."),
+    layout: str = typer.Option("full", "--layout", help="full (published Qwen2.5-Omni layout) | thinker (ours)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Training run for the model card (default: the model's parent "
+                                                "directory when it holds metrics.jsonl)."),
+    max_shard_gb: float = typer.Option(5.0, "--max-shard-gb", min=0.001, help="Largest weight shard, in GiB."),
+) -> None:
+    """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
+    from echoink.export import ExportError, export_model
+    from echoink.model import ModelLoadError
+
+    try:
+        result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
+                              max_shard_bytes=int(max_shard_gb * 1024**3))
+    except (ExportError, ModelLoadError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {result.out_dir} ({result.layout} layout" + (", LoRA merged" if result.merged_lora else "")
+               + f"): {result.thinker_tensors} thinker tensors, {result.copied_tensors} tensors copied from the "
+               f"base, {len(result.shards)} shard(s), model card README.md")
 
 
 @app.command("plot", cls=FlagCommand)
