@@ -454,6 +454,27 @@ def export_command(
                f"base, {len(result.shards)} shard(s), model card README.md")
 
 
+@app.command("report", cls=FlagCommand)
+def report_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (metrics.jsonl, completions.jsonl, config.resolved.json)."),
+    predictions: Optional[list[Path]] = typer.Argument(None, help="Predictions files to show (echoink eval output)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
+    max_steps: int = typer.Option(30, "--max-steps", min=1, help="Most training steps shown (evenly spaced)."),
+    media: bool = typer.Option(True, "--media/--no-media", help="Embed each problem's image and audio."),
+) -> None:
+    """One self-contained HTML page of a run: curves, eval tables, sample completions with their image and audio."""
+    from echoink.analysis.report import write_report
+
+    try:
+        result = write_report(run_dir, predictions or [], out, max_steps=max_steps, media=media)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {result.path} ({len(result.steps_shown)} steps shown, {result.images} image(s), "
+               f"{result.audio_clips} audio clip(s) embedded)")
+
+
 @app.command("plot", cls=FlagCommand)
 def plot_command(
     run_dir: Path = typer.Argument(..., help="Run directory (with metrics.jsonl) or a metrics.jsonl file."),
