@@ -449,9 +449,14 @@ def export_command(
                               max_shard_bytes=int(max_shard_gb * 1024**3))
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
-    typer.echo(f"wrote {result.out_dir} ({result.layout} layout" + (", LoRA merged" if result.merged_lora else "")
-               + f"): {result.thinker_tensors} thinker tensors, {result.copied_tensors} tensors copied from the "
-               f"base, {len(result.shards)} shard(s), model card README.md")
+    merged = ", LoRA merged" if result.merged_lora else ""
+    if result.layout == "full":
+        typer.echo(f"wrote {result.out_dir} (full layout{merged}): {result.thinker_tensors} thinker tensors, "
+                   f"{result.copied_tensors} tensors copied from the base as stored, {len(result.shards)} shard(s), "
+                   "model card README.md")
+    else:
+        typer.echo(f"wrote {result.out_dir} (thinker layout{merged}): {len(result.copied_files)} files, "
+                   "model card README.md")
 
 
 @app.command("report", cls=FlagCommand)
