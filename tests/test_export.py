@@ -166,3 +166,29 @@ def test_model_card_from_a_run_with_a_cut_metrics_line(tmp_path):
     assert "| `reward` | 0.6 | 1.5 |" in card                      # first and last logged values
     assert "| 10 | 60.0 | [40.0, 80.0] | 20 |" in card               # the in-training eval table
     assert "metrics.jsonl:11: invalid JSON" in card and "ignored" in card
+
+
+def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tmp_path):
+    from echoink.config import TrainConfig
+    from echoink.model import load_thinker
+    from echoink.model.trainable import wrap_lora
+
+    thinker, _ = load_thinker(tiny_model_dir, dtype="float32")
+    peft_model = wrap_lora(thinker, TrainConfig(use_peft=True, lora_r=2, lora_alpha=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)                                        # adapters that change the model
+    adapter = tmp_path / "run" / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    merged = {thinker_key(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    out = tmp_path / "exported"
+    result = export_model(adapter, out, base_dir=tiny_full_dir)
+    assert result.merged_lora
+    exported = _tensor_bytes(out, ("thinker.",))
+    assert set(exported) == set(merged)
+    name = "thinker.model.layers.0.self_attn.q_proj.weight"                     # a LoRA target (text model)
+    assert exported[name][1] == merged[name].contiguous().view(torch.uint8).numpy().tobytes()
+    base_q = _tensor_bytes(tiny_full_dir, (name,))[name][1]
+    assert exported[name][1] != base_q                                           # the adapter is in the weights
