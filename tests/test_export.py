@@ -138,8 +138,12 @@ def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, 
 
 def test_export_thinker_layout_and_key_names(tiny_model_dir, tiny_full_dir, tmp_path):
     out = tmp_path / "thinker_export"
-    result = export_model(tiny_model_dir, out, layout="thinker", base_dir=tiny_full_dir)
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text("".join(json.dumps({"problem_id": i, "gt": "A", "pred": "A", "correct": i < 3,
+                                               "reply": "<answer>A</answer>"}) + "\n" for i in range(4)))
+    result = export_model(tiny_model_dir, out, layout="thinker", base_dir=tiny_full_dir, predictions=[predictions])
     assert result.layout == "thinker" and (out / "README.md").is_file()
+    assert "| `pred.jsonl` | 4 | 75.0 | [30.1, 95.4] | ours |" in (out / "README.md").read_text()
     assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
     assert thinker_key("model.language_model.layers.0.mlp.up_proj.weight") == "thinker.model.layers.0.mlp.up_proj.weight"
     assert thinker_key("model.audio_tower.conv1.weight") == "thinker.audio_tower.conv1.weight"

@@ -439,6 +439,9 @@ def export_command(
                                            help="Training run for the model card (default: the model's parent "
                                                 "directory when it holds metrics.jsonl)."),
     max_shard_gb: float = typer.Option(5.0, "--max-shard-gb", min=0.001, help="Largest weight shard, in GiB."),
+    predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
+                                                     help="echoink eval output(s) to report in the model card "
+                                                          "(repeatable)."),
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
@@ -446,7 +449,7 @@ def export_command(
 
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
-                              max_shard_bytes=int(max_shard_gb * 1024**3))
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
     merged = ", LoRA merged" if result.merged_lora else ""

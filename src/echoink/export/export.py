@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -80,12 +80,13 @@ def thinker_key(name: str) -> str:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | Path | None = None,
                  layout: str = "full", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 run_dir: str | Path | None = None) -> ExportResult:
+                 run_dir: str | Path | None = None, predictions: Sequence[str | Path] = ()) -> ExportResult:
     """Export the trained model in `model_dir` to `out_dir` (see the module docstring); returns what was written.
 
     `base_dir`: the base checkpoint in the published full layout (required for layout "full"; for "thinker" it
     is only compared against when given). `run_dir`: the training run whose logs the model card summarises
-    (default: the directory above `model_dir` when it holds metrics.jsonl).
+    (default: the directory above `model_dir` when it holds metrics.jsonl). `predictions`: `echoink eval` outputs
+    whose accuracy the card reports.
     Raises ExportError (one line) before writing anything when the inputs do not fit together.
     """
     from echoink.export.model_card import write_model_card
@@ -120,7 +121,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
             else:
                 _write_full(trained, base, tmp, max_shard_bytes, result)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
-                             layout=layout, trained_from=str(model_dir) if not merged_lora else None)
+                             layout=layout, trained_from=str(model_dir) if not merged_lora else None,
+                             predictions=predictions)
     return result
 
 
