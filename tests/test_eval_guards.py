@@ -95,6 +95,11 @@ def test_long_prompts_are_skipped_before_the_forward(env, tmp_path):
     skipped = rows[data[1]["problem_id"]]
     assert skipped["pred"] is None and skipped["correct"] is False and skipped["reply"] == ""
     assert "longer than max_prompt_length 2048" in skipped["skipped"]
+    # a batch whose prompts are all too long never calls generate
+    calls.clear()
+    none_fit = evaluate((model, processor), long_path, tmp_path / "none.jsonl", limit=2, max_new_tokens=2,
+                        progress=False, max_prompt_length=1)
+    assert none_fit["skipped"] == 2 and none_fit["accuracy"] == 0.0 and calls == []
     # the signature records the limit: another max_prompt_length is another run
     with pytest.raises(RunSignatureError, match="max_prompt_length"):
         evaluate((model, processor), long_path, out, limit=3, max_new_tokens=2, progress=False,
