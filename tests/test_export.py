@@ -75,6 +75,7 @@ def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_
     assert config["model_type"] == "qwen2_5_omni" and config["thinker_config"]["model_type"] == "qwen2_5_omni_thinker"
     assert config["talker_config"] == json.loads((tiny_full_dir / "config.json").read_text())["talker_config"]
     assert "## How to load" in (exported / "README.md").read_text()
+    assert "\n# exported\n" in (exported / "README.md").read_text()
 
     # echoink eval's greedy text on the trained model ...
     data = mixed_dataset / "valid" / "omni_rl_format_valid.json"
@@ -163,6 +164,8 @@ def test_model_card_from_a_run_with_a_cut_metrics_line(tmp_path):
     config = {"model_path": str(base), "train_data": "AVQA_R1/train/omni_rl_format_train.json", "beta": 0.0,
               "num_generations": 16, "learning_rate": 1e-6, "reward_funcs": ["accuracy", "format"]}
     card = write_model_card(model, run_dir=run, config=config).read_text()
+    assert "\n# run/final\n" in card
+    assert "| `kl` | β = 0: no KL term |" in card and "`lora_r`" not in card
     header = card.split("---\n")[1]
     assert "license: apache-2.0" in header and f"base_model: {base}" in header and "library_name: transformers" in header
     assert "- AVQA_R1/train/omni_rl_format_train.json" in header

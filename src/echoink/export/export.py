@@ -122,7 +122,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
                 _write_full(trained, base, tmp, max_shard_bytes, result)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
                              layout=layout, trained_from=str(model_dir) if not merged_lora else None,
-                             predictions=predictions)
+                             predictions=predictions, name=out_dir.name)
     return result
 
 

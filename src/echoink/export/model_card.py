@@ -46,10 +46,14 @@ _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
 
 def write_model_card(model_dir: str | Path, *, run_dir: str | Path | None = None, config: dict | None = None,
                      base: str | None = None, layout: str = "thinker", trained_from: str | None = None,
-                     predictions: Sequence[str | Path] = ()) -> Path:
-    """Write `model_dir`/README.md (atomically) and return its path; see :func:`card_text`."""
+                     predictions: Sequence[str | Path] = (), name: str | None = None) -> Path:
+    """Write `model_dir`/README.md (atomically) and return its path; see :func:`card_text`. `name`: the card's
+    title (default: the directory's name, or RUN/final for a run's final model)."""
     model_dir = Path(model_dir)
-    text = card_text(model_dir.name, run_dir=run_dir, config=config, base=base, layout=layout,
+    if name is None:  # a run's final/ or adapter/ directory is named after its run
+        generic = model_dir.name in ("final", "adapter")
+        name = f"{model_dir.resolve().parent.name}/{model_dir.name}" if generic else model_dir.name
+    text = card_text(name, run_dir=run_dir, config=config, base=base, layout=layout,
                      trained_from=trained_from, predictions=predictions)
     return write_text_atomic(model_dir / CARD_FILE, text)
 
@@ -93,7 +97,7 @@ def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | No
     parts = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
              f"# {name}", "", _summary(base, layout, config, rows), "",
              "## Training", "", _settings_section(config, rows), "",
-             "## Reward curves", "", _curves_section(rows), "",
+             "## Reward curves", "", _curves_section(rows, config), "",
              "## Evaluation", "", _evaluation_section(rows, predictions, notes), "",
              "## How to load", "", _loading_section(layout), "",
              "## Provenance", "", _provenance(sources, trained_from, notes), ""]
@@ -130,6 +134,8 @@ def _settings_section(config: dict, rows: list[dict]) -> str:
         return "The run's settings were not found (no config.resolved.json in the run directory)."
     lines = ["| setting | value |", "| --- | --- |"]
     for key in CARD_SETTINGS:
+        if key == "lora_r" and not config.get("use_peft"):
+            continue
         if key in config and config[key] is not None:
             lines.append(f"| `{key}` | `{_cell(config[key])}` |")
     steps = _last_step(rows)
@@ -137,12 +143,16 @@ def _settings_section(config: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _curves_section(rows: list[dict]) -> str:
+def _curves_section(rows: list[dict], config: dict) -> str:
     if not rows:
         return "No training metrics were logged (metrics.jsonl missing or empty)."
     lines = ["| metric | first step | last step | mean, first 10% | mean, last 10% | min | max |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    no_kl_term = config.get("beta") == 0
     for key in CURVE_METRICS:
+        if key == "kl" and no_kl_term:
+            lines.append("| `kl` | β = 0: no KL term | | | | | |")
+            continue
         values = [float(row[key]) for row in rows if _finite(row.get(key))]
         if not values:
             continue
