@@ -128,6 +128,11 @@ def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, 
     with pytest.raises(ExportError, match=r"special-token id: <\|IMAGE\|> is"):
         export_model(tiny_model_dir, out, base_dir=shifted)
 
+    from echoink.model.families import write_tiny_checkpoint as write_family_checkpoint
+
+    qwen3 = write_family_checkpoint(tmp_path / "qwen3_full", family="qwen3-omni", layout="full")
+    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+        export_model(tiny_model_dir, out, base_dir=qwen3)
     with pytest.raises(ExportError, match="needs --base"):
         export_model(tiny_model_dir, out)
     with pytest.raises(ExportError, match="model_type 'qwen2_5_omni_thinker'"):

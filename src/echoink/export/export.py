@@ -26,19 +26,20 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from echoink.io import building_directory, write_json_atomic
-from echoink.model.loading import FULL_MODEL_TYPE, THINKER_MODEL_TYPE
+from echoink.model.families import UnsupportedModelError, family_for_model_type
 
 __all__ = ["EXPORT_LAYOUTS", "ExportError", "ExportResult", "export_model", "thinker_key"]
 
 EXPORT_LAYOUTS = ("full", "thinker")
-#: Parts of the published checkpoint besides the thinker, per base model type (copied from the base as stored).
-OTHER_PARTS = {FULL_MODEL_TYPE: ("talker", "token2wav")}
+#: Families whose published full layout the export writes (and tests): the thinker's published key names are
+#: `thinker_key`'s. The other parts (the family's `other_parts`) are copied from the base as stored.
+EXPORTABLE_FAMILIES = ("qwen2.5-omni",)
 #: Files that describe weights or the processor: written by the export, never copied from the base.
 _WEIGHT_INDEX = "model.safetensors.index.json"
 _THINKER_TOKEN_IDS = ("audio_token_index", "image_token_index", "video_token_index", "audio_start_token_id",
@@ -136,6 +137,7 @@ class _Checkpoint:
     thinker_config: dict
     tensors: dict[str, tuple[Path, str]]   # published tensor name -> (safetensors file, name stored there)
     special_tokens: dict[str, int]    # tokenizer.json's added tokens -> id
+    family: Any = None                # echoink.model.families.OmniFamily
 
 
 def _load_json(path: Path) -> dict:
@@ -190,34 +192,46 @@ def _read_base(path: Path) -> _Checkpoint:
     config = _load_json(path / "config.json") if path.is_dir() else None
     if config is None:
         raise ExportError(f"{path}: not a model directory")
-    model_type = config.get("model_type")
-    if model_type not in OTHER_PARTS:
-        raise ExportError(f"{path / 'config.json'}: base model_type {model_type!r}; export writes the published "
-                          f"{FULL_MODEL_TYPE!r} layout and needs that base (Qwen3-Omni export comes with that family)")
+    family, full = _family(config, path)
+    if not full:
+        raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is a thinker-only "
+                          f"checkpoint; the base must be the published full layout ({family.full_model_type!r})")
+    if family.name not in EXPORTABLE_FAMILIES:
+        raise ExportError(f"{path / 'config.json'}: export to the {family.display_name} full layout is not "
+                          f"implemented (exportable: {', '.join(EXPORTABLE_FAMILIES)})")
     if not isinstance(config.get("thinker_config"), dict):
-        raise ExportError(f"{path / 'config.json'}: model_type {model_type} but no thinker_config")
+        raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')} but no thinker_config")
     tensors = {name: (file, name) for name, file in _tensor_files(path).items()}
-    return _Checkpoint(path, config, config["thinker_config"], tensors, _special_tokens(path))
+    return _Checkpoint(path, config, config["thinker_config"], tensors, _special_tokens(path), family)
 
 
 def _read_trained(path: Path) -> _Checkpoint:
     if not path.is_dir():
         raise ExportError(f"{path}: not a model directory")
     config = _load_json(path / "config.json")
-    model_type = config.get("model_type")
-    if model_type == THINKER_MODEL_TYPE:
+    family, full = _family(config, path)
+    if not full:
         thinker, tensors = config, {thinker_key(k): (f, k) for k, f in _tensor_files(path).items()}
-    elif model_type == FULL_MODEL_TYPE and isinstance(config.get("thinker_config"), dict):
+    elif isinstance(config.get("thinker_config"), dict):
         thinker = config["thinker_config"]
         tensors = {k: (f, k) for k, f in _tensor_files(path).items() if k.startswith("thinker.")}
     else:
-        raise ExportError(f"{path / 'config.json'}: model_type {model_type!r} is not a Qwen2.5-Omni thinker "
-                          f"({THINKER_MODEL_TYPE!r}) or full model ({FULL_MODEL_TYPE!r})")
-    return _Checkpoint(path, config, thinker, tensors, _special_tokens(path))
+        raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')} but no thinker_config")
+    return _Checkpoint(path, config, thinker, tensors, _special_tokens(path), family)
+
+
+def _family(config: dict, path: Path):
+    try:
+        return family_for_model_type(config.get("model_type"), str(path / "config.json"))
+    except UnsupportedModelError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def _check_compatible(trained: _Checkpoint, base: _Checkpoint) -> None:
     """Stop, naming the first differences, when the trained thinker does not fit the base's other parts."""
+    if trained.family is not base.family:
+        raise ExportError(f"{trained.path} does not fit base {base.path}: architecture: the trained model is "
+                          f"{trained.family.display_name}, the base {base.family.display_name}; nothing was written")
     problems = []
     for sub, names in _ARCHITECTURE_FIELDS.items():
         ours, theirs = trained.thinker_config.get(sub) or {}, base.thinker_config.get(sub) or {}
@@ -294,7 +308,7 @@ def _tensors_in_order(checkpoint: _Checkpoint, names: list[str]) -> Iterator[tup
 
 def _write_full(trained: _Checkpoint, base: _Checkpoint, out: Path, max_shard_bytes: int,
                 result: ExportResult) -> None:
-    parts = OTHER_PARTS[base.config["model_type"]]
+    parts = base.family.other_parts
     thinker_names = sorted(trained.tensors)
     other_names = sorted(k for k in base.tensors if k.split(".", 1)[0] in parts)
     streams = [_tensors_in_order(trained, thinker_names), _tensors_in_order(base, other_names)]
@@ -323,7 +337,7 @@ def _write_full(trained: _Checkpoint, base: _Checkpoint, out: Path, max_shard_by
     write_json_atomic(out / _WEIGHT_INDEX, {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map})
 
     config = dict(base.config)
-    config["thinker_config"] = {**trained.thinker_config, "model_type": THINKER_MODEL_TYPE}
+    config["thinker_config"] = {**trained.thinker_config, "model_type": trained.family.thinker_model_type}
     config["thinker_config"].pop("architectures", None)
     write_json_atomic(out / "config.json", config)
     produced = {"config.json", _WEIGHT_INDEX, "README.md"}
