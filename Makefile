@@ -9,7 +9,7 @@ export GOMP_SPINCOUNT ?= 10000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-browser browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/echoink demo --out demo_out
 
+# The headless-browser test of `echoink report` needs chromium (about 300 MB with its libraries): it has its own
+# target and is left out of `make test`.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not browser"
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not browser"
+
+SUDO ?= $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+
+test-browser: $(STAMP) browser
+	$(PY) -m pytest -q -m browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/group_sharing.py

@@ -202,3 +202,29 @@ def test_cli_aha_with_patterns_file(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "pred_aha" / "aha_report.json").read_text())
     assert report["expressions"] == ["listen again"] and report["revisions"]["fixed"] == 1
+
+
+def test_cli_bad_patterns_and_metrics_files_name_the_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from echoink.cli import app
+
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text(json.dumps({"problem_id": 1, "sample_idx": 0, "gt": "A", "pred": "A", "correct": True,
+                                "reply": _completion("Hmm.", "A")}) + "\n")
+    latin1 = tmp_path / "phrases.txt"
+    latin1.write_bytes("réfléchir\n".encode("latin-1"))
+    runner = CliRunner()
+    for patterns, message in ((tmp_path, "is a directory"), (latin1, "not UTF-8 text"),
+                              (tmp_path / "missing.txt", "no such patterns file")):
+        result = runner.invoke(app, ["aha", str(pred), "--patterns", str(patterns)])
+        assert result.exit_code == 1, result.output
+        assert result.output.startswith("error: ") and str(patterns) in result.output and message in result.output
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(b'{"step": 1, "note": "\xe9"}\n')
+    for argv in (["plot", str(run)], ["aha", str(pred), "--patterns", str(latin1)]):
+        result = runner.invoke(app, argv)
+        assert result.exit_code == 1 and "not UTF-8" in result.output, result.output
+    assert str(run / "metrics.jsonl") in runner.invoke(app, ["plot", str(run)]).output

@@ -116,3 +116,17 @@ def test_cli_plot(tmp_path):
     result = CliRunner().invoke(app, ["plot", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kl_panel_says_no_kl_term_when_beta_is_zero(tmp_path):
+    from echoink.analysis.curves import run_beta, training_figure
+
+    path = _write_metrics(tmp_path / "metrics.jsonl", steps=4, with_eval=False)
+    rows = load_metrics(path)
+    kl_axis = training_figure(rows, "run", beta=0.0).axes[3]
+    assert [t.get_text() for t in kl_axis.texts] == ["β = 0: no KL term"] and not kl_axis.lines
+    assert training_figure(rows, "run", beta=0.04).axes[3].lines                 # a KL term: its curve is drawn
+    assert run_beta(path) is None
+    (tmp_path / "config.resolved.json").write_text('{"beta": 0.0}')
+    assert run_beta(path) == 0.0
+    assert plot_training_curves(tmp_path, tmp_path / "c.png").is_file()

@@ -10,3 +10,6 @@ LR_SCHEDULERS = ("constant", "linear", "cosine", "constant_with_warmup")
 GROUP_SHARING = ("none", "encoders", "full")
 #: report_to: the experiment trackers accelerate knows (`accelerate.utils.LoggerType`).
 REPORT_TO = ("all", "aim", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab")
+#: Evaluation protocols (echoink.eval.protocols): "ours" (training prompt, strict reward parser) and "echoink"
+#: (EchoInk-R1's evaluation script: its prompt, decoding, media caps and fallback parser).
+EVAL_PROTOCOLS = ("ours", "echoink")

@@ -7,11 +7,37 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+from echoink.config import TrainConfig
+
+DEFAULT_MAX_PROMPT_LENGTH = TrainConfig.max_prompt_length  # evaluation applies training's rule and default
+
+class _FlagsWithoutMetavar:
+    """--help lists flags without a value placeholder (typer shows `--greedy <bool>`, `--help <bool>`, although a
+    flag takes no value)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class FlagCommand(_FlagsWithoutMetavar, TyperCommand):
+    pass
+
+
+class FlagGroup(_FlagsWithoutMetavar, TyperGroup):
+    pass
+
 
 app = typer.Typer(help="echoink: GRPO fine-tuning and evaluation of omni-modal models (Qwen2.5-Omni, Qwen3-Omni).",
-                  no_args_is_help=True, add_completion=False)
-model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", no_args_is_help=True)
-data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", no_args_is_help=True)
+                  no_args_is_help=True, add_completion=False, cls=FlagGroup)
+model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", no_args_is_help=True, cls=FlagGroup)
+data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", no_args_is_help=True,
+                       cls=FlagGroup)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 
@@ -43,7 +69,7 @@ def _register_problem_types(specs: list[str] | str | None) -> None:
 
 # ---- model commands ---------------------------------------------------------------------------
 
-@model_app.command("tiny")
+@model_app.command("tiny", cls=FlagCommand)
 def model_tiny(
     out: Path = typer.Option(..., "--out", help="Directory to write the checkpoint to."),
     layout: str = typer.Option("full", "--layout", help="full: the family's published layout; thinker: ours."),
@@ -67,7 +93,7 @@ def model_tiny(
 # ---- data commands ----------------------------------------------------------------------------
 
 
-@data_app.command("validate")
+@data_app.command("validate", cls=FlagCommand)
 def data_validate(
     path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file."),
     check_media: bool = typer.Option(False, "--check-media", help="Also decode every media file."),
@@ -116,7 +142,7 @@ def data_validate(
     console.print("[green]ok[/green]")
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=FlagCommand)
 def data_synth(
     out: Path = typer.Option(..., "--out", help="Output directory (gets train/ and valid/)."),
     train: int = typer.Option(200, "--train", min=0, help="Number of training items."),
@@ -143,7 +169,7 @@ def data_synth(
         console.print(f"{split}: {info['count']} items -> {info['json']}  ({mix})", highlight=False)
 
 
-@data_app.command("convert-omniinstruct")
+@data_app.command("convert-omniinstruct", cls=FlagCommand)
 def data_convert_omniinstruct(
     source: Path = typer.Option(..., "--source", help="Directory holding OmniInstruct-v1 parquet files."),
     split: str = typer.Option(..., "--split", help="train or valid."),
@@ -165,7 +191,7 @@ def data_convert_omniinstruct(
 
 # ---- training commands ------------------------------------------------------------------------
 
-@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("train", cls=FlagCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train_command(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
@@ -218,6 +244,8 @@ def train_command(
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
 
+    from echoink.export import write_model_card
+
     try:
         final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
                       evaluate=training_evaluator(cfg))
@@ -225,7 +253,11 @@ def train_command(
         _fail(str(exc))
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
-    typer.echo(f"final model: {final}")
+    try:
+        card = write_model_card(final, run_dir=cfg.output_dir, config=cfg.to_dict())
+    except NoSpaceLeftError as exc:
+        _fail(f"{exc} (the model in {final} is complete; only its README.md model card was not written)")
+    typer.echo(f"final model: {final} (model card: {card})")
 
 
 def _working_directory_importable() -> None:
@@ -237,7 +269,7 @@ def _working_directory_importable() -> None:
         sys.path.append(os.getcwd())
 
 
-@app.command("demo", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("demo", cls=FlagCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def demo_command(
     ctx: typer.Context,
     out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for data, models, run and summary.json."),
@@ -266,7 +298,7 @@ def demo_command(
 # ---- evaluation and analysis commands ---------------------------------------------------------
 
 
-@app.command("eval")
+@app.command("eval", cls=FlagCommand)
 def eval_command(
     model: Path = typer.Option(..., "--model", help="Model directory (a published Qwen2.5-Omni / Qwen3-Omni layout or ours)."),
     data: Path = typer.Option(..., "--data", help="Dataset JSON/JSONL in the AVQA-R1 format."),
@@ -279,10 +311,19 @@ def eval_command(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold (default 1.0)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Top-k sampling (default: off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default 0)."),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Longest reply in tokens."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                 help="Longest reply in tokens (default 256)."),
+    max_prompt_length: int = typer.Option(DEFAULT_MAX_PROMPT_LENGTH, "--max-prompt-length", min=1,
+                                          help="Longer prompts (tokens, media included) are skipped and count as "
+                                               "wrong, as in training."),
     ablate: str = typer.Option("none", "--ablate", help="none | mute-audio | blank-image | no-media."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N records."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Only the first N records (0: none)."),
     lenient: bool = typer.Option(False, "--lenient", help="Also read 'C.', '(C)', 'Answer: C' ... (not the reward's rule)."),
+    protocol: str = typer.Option("ours", "--protocol",
+                                 help="ours (training prompt, strict parser) | echoink (EchoInk-R1's evaluation: "
+                                      "its prompt, decoding, media caps and parser; see docs/evaluation.md)."),
+    base_model: bool = typer.Option(False, "--base-model",
+                                    help="With --protocol echoink: the base model's prompt and greedy decoding."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
@@ -290,125 +331,197 @@ def eval_command(
     """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
+    from echoink.eval.protocols import EVAL_PROTOCOLS
     from echoink.eval.run import RunSignatureError, evaluate
     from echoink.model import ModelLoadError
 
     _register_problem_types(problem_types)
-    sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k, "--seed": seed}
-    if samples is None:
-        given = [name for name, value in sampling_options.items() if value is not None]
-        if given:
-            _fail(f"{', '.join(given)} only apply when sampling: add --samples K (greedy is the default)")
-    elif greedy:
-        _fail("--greedy and --samples exclude each other (greedy gives one answer per problem)")
+    if protocol not in EVAL_PROTOCOLS:
+        _fail(f"--protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+    sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k}
+    if protocol == "echoink":
+        fixed = [name for name, value in {**sampling_options, "--max-new-tokens": max_new_tokens}.items()
+                 if value is not None] + [name for name, on in (("--greedy", greedy), ("--lenient", lenient)) if on]
+        if fixed:
+            _fail(f"--protocol echoink fixes the decoding and the parser; drop {', '.join(fixed)} "
+                  "(--base-model selects greedy decoding; --samples K and --seed still apply)")
+        if base_model and (samples is not None or seed is not None):
+            _fail("--base-model decodes greedily (EchoInk-R1's base-model protocol): drop --samples / --seed")
+    else:
+        if base_model:
+            _fail("--base-model only applies with --protocol echoink (ours gives every model the same prompt)")
+        if samples is None:
+            given = [name for name, value in {**sampling_options, "--seed": seed}.items() if value is not None]
+            if given:
+                _fail(f"{', '.join(given)} only apply when sampling: add --samples K (greedy is the default)")
+        elif greedy:
+            _fail("--greedy and --samples exclude each other (greedy gives one answer per problem)")
     try:
         summary = evaluate(
             model, data, out, batch_size=batch_size, greedy=samples is None, samples=samples or 1,
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
-            top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens, ablate=ablate,
-            limit=limit, lenient=lenient, progress=progress, dtype=dtype,
+            top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens or 256, ablate=ablate,
+            limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
+            protocol=protocol, base_model=base_model,
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError) as exc:
         _fail(str(exc))
     accuracy = summary["accuracy"]
     headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])
     typer.echo(f"accuracy {headline} % over {summary['n']} answers to {summary['n_problems']} problems "
-               f"(95% Wilson); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
+               f"(95% Wilson; protocol {protocol}); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
                f"format {100 * (summary['format_rate'] or 0):.1f}%, "
                f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
     for kind, block in summary.get("by_problem_type", {}).items():
         typer.echo(f"  {kind}: {block['measure']} {_ci_text(block['value'], block['ci_low'], block['ci_high'])} % "
                    f"over {block['n']} answers, unparsed {100 * block['unparsed_rate']:.1f}%")
+    if summary["skipped"]:
+        typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
+                   f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
 
 
 def _ci_text(value: float, low: float, high: float) -> str:
-    return f"{100 * value:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    from echoink.eval.metrics_table import percent_ci
+
+    return percent_ci(value, low, high)
 
 
-@app.command("metrics")
+@app.command("metrics", cls=FlagCommand)
 def metrics_command(
-    predictions: list[Path] = typer.Argument(..., help="One or more predictions.jsonl files (one table row each)."),
-    against: Optional[Path] = typer.Option(None, "--against",
-                                           help="Baseline predictions: paired comparison of every file against it."),
+    predictions: list[Path] = typer.Argument(..., help="One or more predictions.jsonl files (one column each)."),
+    against: Optional[str] = typer.Option(
+        None, "--against",
+        help="Baseline predictions file: paired comparison of every file against it. Or a protocol name, echoink "
+             "or ours: each file's own replies graded by that protocol's answer rule as the baseline (write "
+             "./echoink for a file of that name)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of tables."),
 ) -> None:
-    """Accuracy (95% Wilson CI), majority vote, pass@k, format and parse rates; paired tests with --against."""
+    """Accuracy (95% Wilson CI), majority vote, pass@k, format and parse rates; paired tests with --against.
+
+    Tables have one row per measure and one column per file ([1], [2], ... listed above each table), so they
+    read at 80 columns.
+    """
     import json
 
     from rich.console import Console
-    from rich.table import Table
 
     from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
+    from echoink.eval.metrics_table import (breakdown_measures, comparison_measures, file_legend, measure_tables,
+                                            problem_type_measures, summary_measures)
+    from echoink.eval.protocols import EVAL_PROTOCOLS, echoink_fallback_counts, regrade_rows
 
     try:
         rows = {str(path): load_predictions(path) for path in predictions}
-        baseline = load_predictions(against) if against is not None else None
         summaries = {name: accuracy_summary(file_rows) for name, file_rows in rows.items()}
-        comparisons = ({name: paired_comparison(file_rows, baseline) for name, file_rows in rows.items()}
-                       if baseline is not None else {})
+        if against in EVAL_PROTOCOLS:
+            baselines = {name: regrade_rows(file_rows, against, name) for name, file_rows in rows.items()}
+            baseline_name = f"the same replies graded by protocol {against!r}"
+        elif against is not None:
+            baseline = load_predictions(Path(against))
+            baselines = {name: baseline for name in rows}
+            baseline_name = against
+        else:
+            baselines = {}
+        comparisons = {name: paired_comparison(rows[name], baselines[name]) for name in baselines}
+        if against in EVAL_PROTOCOLS:
+            for name, comparison in comparisons.items():
+                comparison["baseline_accuracy_summary"] = accuracy_summary(baselines[name])
+                comparison["echoink_parser"] = echoink_fallback_counts(rows[name])
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
 
     if as_json:
         payload = {"files": summaries}
         if against is not None:
-            payload["against"] = {"baseline": str(against), "comparisons": comparisons}
+            payload["against"] = {"baseline": baseline_name, "comparisons": comparisons}
         typer.echo(json.dumps(payload, indent=2))
         return
 
-    console = Console()
-    table = Table(title="Evaluation metrics (accuracy in %, 95% Wilson interval)")
-    for column in ("file", "n", "problems", "accuracy", "K", "mean±std over samples", "majority",
-                   "pass@K", "unparsed", "format", "reply tokens"):
-        table.add_column(column, justify="left" if column == "file" else "right")
-    for name, s in summaries.items():
-        k = s["samples_per_problem"]
-        pass_k = s["pass_at_k"].get(f"pass@{len(s['pass_at_k'])}")
-        table.add_row(
-            name, str(s["n"]), str(s["n_problems"]), _ci_text(s["accuracy"], s["ci_low"], s["ci_high"]), str(k),
-            f"{100 * s['accuracy_mean']:.1f}±{100 * s['accuracy_std']:.1f}", f"{100 * s['majority_vote_accuracy']:.1f}",
-            f"{100 * pass_k:.1f} (k={len(s['pass_at_k'])})", f"{100 * s['unparsed_rate']:.1f}",
-            "-" if s["format_rate"] is None else f"{100 * s['format_rate']:.1f}",
-            "-" if s["mean_reply_tokens"] is None else f"{s['mean_reply_tokens']:.0f}",
-        )
-    console.print(table)
-
-    breakdown = Table(title="Breakdown (accuracy in %, 95% Wilson interval)")
-    for column in ("file", "by", "group", "n", "accuracy"):
-        breakdown.add_column(column, justify="right" if column in ("n", "accuracy") else "left")
-    for name, s in summaries.items():
-        for by in ("data_type", "needs"):
-            for group, block in s[f"by_{by}"].items():
-                breakdown.add_row(name, by, group, str(block["n"]),
-                                  _ci_text(block["accuracy"], block["ci_low"], block["ci_high"]))
-    if breakdown.row_count:
-        console.print(breakdown)
-
-    by_type = Table(title="Per problem type (accuracy: 95% Wilson; mean score: 95% bootstrap; in %)")
-    for column in ("file", "problem type", "n", "measure", "value", "unparsed"):
-        by_type.add_column(column, justify="right" if column in ("n", "value", "unparsed") else "left")
-    for name, s in summaries.items():
-        for key in ("by_problem_type", "by_problem_type_data_type"):
-            for group, block in s[key].items():
-                by_type.add_row(name, group, str(block["n"]), block["measure"],
-                                _ci_text(block["value"], block["ci_low"], block["ci_high"]),
-                                f"{100 * block['unparsed_rate']:.1f}")
-    console.print(by_type)
-
+    console = Console(highlight=False)
+    console.print(file_legend(list(summaries)), soft_wrap=True)
+    for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
+                                {name: summary_measures(s) for name, s in summaries.items()}):
+        console.print(table)
+    breakdowns = {name: breakdown_measures(s) for name, s in summaries.items()}
+    if any(breakdowns.values()):
+        for table in measure_tables("Breakdown (accuracy in %, 95% Wilson interval)", breakdowns):
+            console.print(table)
+    by_type = {name: problem_type_measures(s) for name, s in summaries.items()}
+    if any(by_type.values()):
+        for table in measure_tables("Per problem type (in %; accuracy: 95% Wilson, mean score: 95% bootstrap)",
+                                    by_type):
+            console.print(table)
     if comparisons:
-        paired = Table(title=f"Paired comparison against {against} (per-problem score; difference in points)")
-        for column in ("file", "shared", "accuracy", "baseline", "difference [95% bootstrap CI]", "wins/losses/ties",
-                       "McNemar p"):
-            paired.add_column(column, justify="left" if column == "file" else "right")
-        for name, c in comparisons.items():
-            paired.add_row(name, str(c["n_shared"]), f"{100 * c['accuracy_a']:.1f}", f"{100 * c['accuracy_b']:.1f}",
-                           f"{100 * c['difference']:+.1f} [{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]",
-                           f"{c['wins']}/{c['losses']}/{c['ties']}", f"{c['mcnemar_p']:.4g}")
-        console.print(paired)
+        console.print(f"baseline: {baseline_name}", soft_wrap=True)
+        per_file = {name: comparison_measures(c) for name, c in comparisons.items()}
+        if against in EVAL_PROTOCOLS:
+            for name, c in comparisons.items():
+                counts = c["echoink_parser"]
+                per_file[name] += [("echoink: <answer> tag", str(counts["tagged"])),
+                                   ("echoink: bare letter", str(counts["fallback"])),
+                                   ("  of which article 'a'", str(counts["article_a"]))]
+        for table in measure_tables("Paired comparison (per-problem score; difference in points)", per_file):
+            console.print(table)
 
 
-@app.command("plot")
+@app.command("export", cls=FlagCommand)
+def export_command(
+    model: Path = typer.Option(..., "--model", help="Trained model: RUN/final, a LoRA adapter dir, or a full layout."),
+    out: Path = typer.Option(..., "--out", help="New directory to write (an existing one is never replaced)."),
+    base: Optional[Path] = typer.Option(None, "--base",
+                                        help="The published base checkpoint (full layout): its talker, token2wav "
+                                             "and speakers are copied; required for --layout full."),
+    layout: str = typer.Option("full", "--layout", help="full (published Qwen2.5-Omni layout) | thinker (ours)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir",
+                                           help="Training run for the model card (default: the model's parent "
+                                                "directory when it holds metrics.jsonl)."),
+    max_shard_gb: float = typer.Option(5.0, "--max-shard-gb", min=0.001, help="Largest weight shard, in GiB."),
+    predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
+                                                     help="echoink eval output(s) to report in the model card "
+                                                          "(repeatable)."),
+) -> None:
+    """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
+    from echoink.export import ExportError, export_model
+    from echoink.model import ModelLoadError
+
+    try:
+        result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
+    except (ExportError, ModelLoadError) as exc:
+        _fail(str(exc))
+    merged = ", LoRA merged" if result.merged_lora else ""
+    if result.layout == "full":
+        typer.echo(f"wrote {result.out_dir} (full layout{merged}): {result.thinker_tensors} thinker tensors, "
+                   f"{result.copied_tensors} tensors copied from the base as stored, {len(result.shards)} shard(s), "
+                   "model card README.md")
+    else:
+        typer.echo(f"wrote {result.out_dir} (thinker layout{merged}): {len(result.copied_files)} files, "
+                   "model card README.md")
+
+
+@app.command("report", cls=FlagCommand)
+def report_command(
+    run_dir: Path = typer.Argument(..., help="Run directory (metrics.jsonl, completions.jsonl, config.resolved.json)."),
+    predictions: Optional[list[Path]] = typer.Argument(None, help="Predictions files to show (echoink eval output)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: RUN_DIR/report.html)."),
+    max_steps: int = typer.Option(30, "--max-steps", min=1, help="Most training steps shown (evenly spaced)."),
+    media: bool = typer.Option(True, "--media/--no-media", help="Embed each problem's image and audio."),
+) -> None:
+    """One self-contained HTML page of a run: curves, eval tables, sample completions with their image and audio."""
+    from echoink.analysis.report import write_report
+
+    try:
+        result = write_report(run_dir, predictions or [], out, max_steps=max_steps, media=media)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(f"wrote {result.path} ({len(result.steps_shown)} steps shown, {result.images} image(s), "
+               f"{result.audio_clips} audio clip(s) embedded)")
+
+
+@app.command("plot", cls=FlagCommand)
 def plot_command(
     run_dir: Path = typer.Argument(..., help="Run directory (with metrics.jsonl) or a metrics.jsonl file."),
     out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: RUN_DIR/curves.png)."),
@@ -425,7 +538,7 @@ def plot_command(
     typer.echo(f"wrote {written}")
 
 
-@app.command("aha")
+@app.command("aha", cls=FlagCommand)
 def aha_command(
     source: Path = typer.Argument(..., help="Run directory (with completions.jsonl) or a predictions.jsonl file."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),

@@ -198,6 +198,10 @@ class TrainConfig:
               f"save_total_limit must be >= 1 or null, got {self.save_total_limit}")
         check(self.eval_steps >= 0, f"eval_steps must be >= 0, got {self.eval_steps}")
         check(self.eval_steps == 0 or bool(self.eval_data), "eval_steps > 0 needs eval_data")
+        check(self.eval_limit is None or (not isinstance(self.eval_limit, bool) and isinstance(self.eval_limit, int)
+                                          and self.eval_limit >= 1),
+              f"eval_limit must be a whole number >= 1 (the first N eval items) or null for all, got "
+              f"{self.eval_limit!r} (set eval_steps=0 to turn evaluation off)")
         check(self.lora_r >= 1, f"lora_r must be >= 1, got {self.lora_r}")
         check(math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
               f"router_aux_loss_coef must be a finite number >= 0 (0 = off), got {self.router_aux_loss_coef}")

@@ -79,7 +79,9 @@ class PromptTemplate:
     (the options joined by newlines); ``free_form_template`` builds other problem types from
     ``{problem}`` (after the type's own question form, e.g. temporal retrieval's "Query: ..."); ``text_template``
     joins ``{question}``, ``{instruction}`` and ``{suffix}`` (the suffix is ``suffix`` for multiple
-    choice, the problem type's own suffix for the other types, ``free_form_suffix`` for a type without one). ``version`` is logged
+    choice, the problem type's own suffix for the other types, ``free_form_suffix`` for a type without one).
+    ``system_prompt``, when set, is sent as an explicit system turn (None: no system message, so the chat
+    template's default applies, as in EchoInk-R1's training). ``version`` is logged
     with every run so results say which prompt produced them.
     """
 
@@ -89,6 +91,7 @@ class PromptTemplate:
     suffix: str = ANSWER_SUFFIX
     free_form_suffix: str = FREE_FORM_SUFFIX
     text_template: str = "{question}\n{instruction}{suffix}"
+    system_prompt: str | None = None
     version: str = PROMPT_VERSION
 
     def __post_init__(self) -> None:
@@ -107,6 +110,8 @@ class PromptTemplate:
         for name in ("instruction", "suffix", "free_form_suffix", "version"):
             if not isinstance(getattr(self, name), str):
                 raise TypeError(f"prompt {name} must be a string")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise TypeError("prompt system_prompt must be a string or null")
 
     @classmethod
     def from_dict(cls, overrides: Mapping[str, Any] | None) -> "PromptTemplate":
@@ -165,7 +170,8 @@ def build_messages(
     *,
     drop_media: set[str] | frozenset[str] = frozenset(),
 ) -> list[dict]:
-    """Qwen2.5-Omni chat messages for a record: one user turn, no system message.
+    """Qwen2.5-Omni chat messages for a record: one user turn (after a system turn only when the template
+    has a ``system_prompt``).
 
     ``[{"role": "user", "content": [{"type": "image", "image": "/abs.jpg"},
     {"type": "audio", "audio": "/abs.wav"}, {"type": "text", "text": ...}]}]``; a video item starts
@@ -184,7 +190,8 @@ def build_messages(
         if path is not None and kind not in drop_media:
             content.append({"type": kind, kind: str(path)})
     content.append({"type": "text", "text": build_prompt_text(record, template)})
-    return [{"role": "user", "content": content}]
+    system = [] if template.system_prompt is None else [{"role": "system", "content": template.system_prompt}]
+    return [*system, {"role": "user", "content": content}]
 
 
 def uses_audio_in_video(record: Any, drop_media: set[str] | frozenset[str] = frozenset()) -> bool:

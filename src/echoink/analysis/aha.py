@@ -153,7 +153,16 @@ def count_reflections(
 def load_patterns(path: Union[str, Path]) -> list[str]:
     """Phrases from a text file: one per line; blank lines and lines starting with ``#`` are ignored."""
     path = Path(path)
-    phrases = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; --patterns takes a text file with one phrase per line")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such patterns file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text (byte {error.start}); the patterns file must be UTF-8, "
+                         "one phrase per line") from None
+    phrases = [line.strip() for line in text.splitlines()]
     phrases = [phrase for phrase in phrases if phrase and not phrase.startswith("#")]
     if not phrases:
         raise ValueError(f"{path}: no reflective expressions (one phrase per line, # for comments)")

@@ -5,11 +5,13 @@
 "completion_length": 143.0, "kl": 0.0012, "loss": 0.01, "grad_norm": 0.8, "learning_rate": 1e-6}``;
 some lines also carry ``"eval/accuracy"``. Each panel plots the raw series (thin, transparent) and a smoothed
 one (debiased exponential moving average, thick) against the step. A quantity that no line carries gives a
-panel that says "not logged".
+panel that says "not logged". When the run has no KL term (β = 0, read from the run's config.resolved.json or
+given), the KL panel says so instead of drawing a flat line at 0.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,9 +105,25 @@ def ema(values: Sequence[float], weight: Optional[float] = None) -> list[float]:
     return smoothed
 
 
-def _draw_panel(axis, panel: Panel, rows: Sequence[dict[str, Any]]) -> None:
+def run_beta(metrics_path: Path) -> Optional[float]:
+    """β of the run that wrote ``metrics_path``, from ``config.resolved.json`` beside it (None when unknown)."""
+    config_path = metrics_path.parent / "config.resolved.json"
+    try:
+        beta = json.loads(config_path.read_text(encoding="utf-8")).get("beta")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(beta) if isinstance(beta, (int, float)) and not isinstance(beta, bool) else None
+
+
+def _draw_panel(axis, panel: Panel, rows: Sequence[dict[str, Any]], no_kl_term: bool = False) -> None:
     key, steps, values = metric_series(rows, panel.keys)
     axis.set_title(panel.title, fontsize=12)
+    if no_kl_term and panel.keys == ("kl",):
+        axis.text(0.5, 0.5, "β = 0: no KL term", ha="center", va="center", transform=axis.transAxes, fontsize=13,
+                  color="0.3")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        return
     if key is None:
         axis.text(0.5, 0.5, f"not logged\n(no '{panel.keys[0]}' in {METRICS_FILE})", ha="center", va="center",
                   transform=axis.transAxes, fontsize=11, color="0.45")
@@ -124,10 +142,12 @@ def _draw_panel(axis, panel: Panel, rows: Sequence[dict[str, Any]]) -> None:
     axis.grid(True, alpha=0.3)
 
 
-def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Union[str, Path]) -> Path:
+def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Union[str, Path],
+                         beta: Optional[float] = None) -> Path:
     """Draw the training-dynamics figure (six panels: accuracy reward, format reward, completion length, KL,
     within-group reward std, evaluation accuracy) of ``metrics.jsonl`` (or ``RUN_DIR/metrics.jsonl``) into
-    ``out_png``, written atomically. Returns the PNG path.
+    ``out_png``, written atomically. Returns the PNG path. ``beta``: the run's KL coefficient (default: read from
+    the run's config.resolved.json); with β = 0 the KL panel says "β = 0: no KL term".
 
     Raises ``FileNotFoundError``; ``JsonlError`` (ValueError) naming file:line for a bad line; ``ValueError``
     when the file holds no logged step.
@@ -137,18 +157,20 @@ def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Uni
     if not rows:
         raise ValueError(f"{path}: no logged steps")
     run_name = path.parent.name if path.name == METRICS_FILE else path.name
-    return save_figure_atomic(training_figure(rows, run_name), out_png)
+    figure = training_figure(rows, run_name, run_beta(path) if beta is None else beta)
+    return save_figure_atomic(figure, out_png)
 
 
-def training_figure(rows: Sequence[dict[str, Any]], run_name: str = ""):
-    """The six-panel matplotlib Figure of metric rows (what `plot_training_curves` saves)."""
+def training_figure(rows: Sequence[dict[str, Any]], run_name: str = "", beta: Optional[float] = None):
+    """The six-panel matplotlib ``Figure`` of logged ``rows`` (what `plot_training_curves` saves); β = 0 labels
+    the KL panel "β = 0: no KL term"."""
     from matplotlib.figure import Figure  # the object API renders with Agg and never touches pyplot's state
 
     rows = sorted(rows, key=lambda row: row["step"])
     figure = Figure(figsize=(16, 8.5))
     axes = figure.subplots(2, 3)
     for axis, panel in zip(axes.flat, PANELS):
-        _draw_panel(axis, panel, rows)
+        _draw_panel(axis, panel, rows, no_kl_term=beta == 0)
     n_steps = len({row["step"] for row in rows})
     figure.suptitle(f"Training dynamics: {run_name}  ({n_steps} logged steps, last step {rows[-1]['step']:g})",
                     fontsize=14)

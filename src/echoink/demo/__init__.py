@@ -79,6 +79,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json)."""
     from echoink.analysis.curves import plot_training_curves
     from echoink.eval.run import training_evaluator
+    from echoink.export import write_model_card
     from echoink.grpo.trainer import train
 
     from echoink.grpo.run_dir import previous_run_entries
@@ -109,6 +110,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     t = time.perf_counter()
     final_dir = train(config, progress=True, evaluate=training_evaluator(config))
     train_seconds = time.perf_counter() - t
+    write_model_card(final_dir, run_dir=config.output_dir, config=config.to_dict())
 
     console.print("[bold]6. greedy validation accuracy after GRPO[/bold]")
     after = greedy_accuracy(final_dir, config)

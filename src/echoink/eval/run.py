@@ -58,9 +58,11 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from echoink.config import TrainConfig
 from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import type_measure, wilson_interval
+from echoink.eval.protocols import protocol_settings, regrade_row
 from echoink.model.generation import (
     SamplingSettings,
     completion_mask,
@@ -91,6 +93,8 @@ EOS_TOKEN = "<|im_end|>"
 RUN_FORMAT = "echoink-predictions-v1"
 #: Sidecar keys that are recorded but may differ when a run is resumed.
 UNCOMPARED_KEYS = ("batch_size", "limit")
+#: Training's default `max_prompt_length`, the evaluation default too.
+DEFAULT_MAX_PROMPT_LENGTH = TrainConfig.max_prompt_length
 
 Row = dict[str, Any]
 
@@ -115,11 +119,16 @@ def generate_predictions(
     media_options: MediaOptions = MediaOptions(),
     model_name: str = "",
     skip: set[tuple[str, int]] | frozenset = frozenset(),
+    max_prompt_length: int | None = None,
+    protocol: str = "ours",
 ) -> Iterator[list[Row]]:
     """Yield the prediction rows of each batch, in record order (rows whose key is in `skip` left out).
 
     A key is `(str(problem_id), sample_idx)`. Chunks whose rows are all in `skip` are not generated.
     The model is put in eval mode for the call and its training flag restored afterwards.
+    A prompt longer than `max_prompt_length` tokens (media placeholders included: training's rule) is not
+    generated: its rows are written with an empty reply, `pred` null (wrong) and `skipped` saying why.
+    `protocol` "echoink" grades the replies with EchoInk-R1's answer rule (`protocols.regrade_row`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -143,14 +152,28 @@ def generate_predictions(
                 continue
             prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
             replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
-            for sub_index, members in enumerate(split_by_audio_in_video(prompts)):
+            too_long = {i for i, p in enumerate(prompts) if max_prompt_length and p.length > max_prompt_length}
+            kept = [i for i in range(len(chunk)) if i not in too_long]
+            for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
+                members = [kept[i] for i in sub_members]
                 seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
                 texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id,
                                   device, dtype, seed)
                 for position, i in enumerate(members):
                     for s in range(decoding.num_generations):
                         replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.num_generations + s]
-            yield [_row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common) for r, s in wanted]
+            lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
+            rows = []
+            for r, s in wanted:
+                if (str(r.problem_id), s) in replies:
+                    row = _row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common)
+                    rows.append(row if protocol == "ours" else regrade_row(row, protocol))
+                else:  # prompt too long: never generated, counted as wrong
+                    row = _row(r, s, "", 0, False, lenient=lenient, common=common)
+                    row["skipped"] = (f"prompt of {lengths[str(r.problem_id)]} tokens is longer than "
+                                      f"max_prompt_length {max_prompt_length}")
+                    rows.append(row if protocol == "ours" else {**row, "protocol": protocol})
+            yield rows
 
 
 @torch.no_grad()
@@ -256,6 +279,9 @@ def evaluate_loaded(
     lenient: bool = False,
     template: PromptTemplate = DEFAULT_TEMPLATE,
     media_options: MediaOptions = MediaOptions(),
+    max_prompt_length: int | None = DEFAULT_MAX_PROMPT_LENGTH,
+    protocol: str = "ours",
+    base_model: bool = False,
     progress: bool = False,
     model_name: str | None = None,
     data_name: str | None = None,
@@ -267,12 +293,24 @@ def evaluate_loaded(
     model's training flag and the caller's RNG state are left as they were. `on_batch(rows)` is
     called after each batch is written (rows just generated). Summary: :func:`summarize_rows` plus
     `generated` (rows made now), `resumed` (rows found in `out_path`), `seconds` and `out_path`.
+
+    `limit`: the first N records (None: all; 0: none; negative: an error) — :func:`first_records`.
+    `max_prompt_length`: training's rule, applied before the forward: longer prompts are not generated,
+    their rows say `skipped` and count as wrong (None: no limit).
+    `protocol` "echoink" (see `eval.protocols`) replaces the template, media options and decoding with
+    EchoInk-R1's (greedy for `base_model`, else one seeded sample at T = 1, top_p 0.95; `samples` and
+    `seed` still apply) and grades with its answer rule; `lenient` does not apply then.
     """
-    decoding = sampling_settings(greedy, samples, temperature, top_p, top_k, seed, max_new_tokens)
-    if limit is not None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        records = list(records)[:limit]
+    settings = protocol_settings(protocol, base_model=base_model, seed=seed, samples=samples, template=template,
+                                 media_options=media_options)
+    template, media_options = settings.template, settings.media_options
+    decoding = settings.decoding or sampling_settings(greedy, samples, temperature, top_p, top_k, seed,
+                                                      max_new_tokens)
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+    records = first_records(records, limit)
+    if protocol != "ours":
+        _check_multiple_choice(records, protocol)
     model_name = model_name or _model_name(model)
     previous: list[Row] = []
     if out_path is not None:
@@ -282,7 +320,8 @@ def evaluate_loaded(
             "data": data_name or (records[0].source if records else ""), "decoding": decoding.as_dict(),
             "ablate": ablate, "lenient": lenient, "prompt_version": template.version,
             "prompt_sha256": _template_digest(template), "media_options": asdict(media_options),
-            "batch_size": batch_size, "limit": limit,
+            "weights": weights_fingerprint(model_name), "max_prompt_length": max_prompt_length,
+            "protocol": protocol, "base_model": base_model, "batch_size": batch_size, "limit": limit,
         }
         previous = _open_run(Path(out_path), signature)
     done = {(str(row["problem_id"]), int(row.get("sample_idx", 0))) for row in previous}
@@ -295,6 +334,7 @@ def evaluate_loaded(
             for batch_rows in generate_predictions(
                 model, processor, records, decoding=decoding, batch_size=batch_size, ablate=ablate,
                 lenient=lenient, template=template, media_options=media_options, model_name=model_name, skip=done,
+                max_prompt_length=max_prompt_length, protocol=protocol,
             ):
                 if handle is not None:
                     append_jsonl(out_path, batch_rows, handle)
@@ -304,7 +344,7 @@ def evaluate_loaded(
                 if on_batch is not None:
                     on_batch(batch_rows)
     summary = summarize_rows(rows)
-    summary.update({"generated": generated, "resumed": len(rows) - generated,
+    summary.update({"skipped": sum(1 for row in rows if row.get("skipped")), "generated": generated, "resumed": len(rows) - generated,
                     "seconds": time.perf_counter() - started, "out_path": None if out_path is None else str(out_path)})
     return summary
 
@@ -435,6 +475,55 @@ def _read_complete_rows(path: Path) -> list[Row]:
 
 # ---- helpers -------------------------------------------------------------------------------------
 
+_FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK_BYTES = 16, 65536
+
+
+def first_records(records: Sequence[Record], limit: int | None) -> list[Record]:
+    """The first `limit` records: the one meaning of `eval --limit` and the config's `eval_limit`.
+
+    None: all; 0: none; a negative number is an error (it never means "all but the last").
+    """
+    if limit is None:
+        return list(records)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"limit must be a whole number >= 0 (or None for all records), got {limit!r}")
+    return list(records)[:limit]
+
+
+def weights_fingerprint(model_dir: str | Path) -> str | None:
+    """A content fingerprint of a model directory's weights, for the run signature (None: not a directory).
+
+    sha256 over each weight file's name and size, its safetensors header, and 16 evenly spaced 64-KiB blocks of
+    its data: replacing the model in place (even with the same shapes and file sizes) changes it, while
+    copying or touching the files does not. Reads about 1 MiB per file.
+    """
+    path = Path(model_dir)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for index in sorted(path.glob("*.safetensors.index.json")):
+        digest.update(index.name.encode() + b"\n" + index.read_bytes())
+    for file in sorted(path.glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}\n".encode())
+        with file.open("rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little") if size >= 8 else 0
+            start = min(size, 8 + header_length)
+            handle.seek(0)
+            digest.update(handle.read(start))
+            step = max(1, (size - start) // _FINGERPRINT_BLOCKS)
+            for offset in range(start, size, step):
+                handle.seek(offset)
+                digest.update(handle.read(_FINGERPRINT_BLOCK_BYTES))
+    return digest.hexdigest()[:32]
+
+
+def _check_multiple_choice(records: Sequence[Record], protocol: str) -> None:
+    for record in records:
+        if not record.is_multiple_choice:
+            raise ValueError(f"{record.source}:{record.index}:problem_type: {record.problem_type!r}; protocol "
+                             f"{protocol!r} evaluates multiple-choice items only (EchoInk-R1's evaluation)")
+
 
 def _check_unique_ids(records: Sequence[Record]) -> None:
     seen: set[str] = set()
@@ -530,21 +619,21 @@ def training_evaluator(config) -> Callable[[Any, Any], dict[str, float]] | None:
     """The trainer's in-training evaluation, built by the caller (grpo never imports eval).
 
     Reads and validates `config.eval_data` now (before any model loads); the returned function runs greedy
-    evaluation of the first `eval_limit` items with the training prompt and media settings and returns
-    `eval/*` metrics. None when `config.eval_steps` is 0.
+    evaluation of the first `eval_limit` items (:func:`first_records`) with the training prompt, media settings
+    and `max_prompt_length` and returns `eval/*` metrics. None when `config.eval_steps` is 0.
     """
     if not config.eval_steps:
         return None
     register_problem_types(config.problem_types)
-    records = load_dataset(config.eval_data)
-    subset = records[: config.eval_limit] if config.eval_limit else records
+    subset = first_records(load_dataset(config.eval_data), config.eval_limit)
     template = PromptTemplate.from_dict(config.prompt_template)
     media_options = MediaOptions.from_config(config)
     max_new_tokens = config.eval_max_new_tokens or config.max_completion_length
 
     def evaluate_now(model, processor) -> dict[str, float]:
         summary = evaluate_loaded(model, processor, subset, batch_size=config.eval_batch_size,
-                                  max_new_tokens=max_new_tokens, template=template, media_options=media_options)
+                                  max_new_tokens=max_new_tokens, template=template, media_options=media_options,
+                                  max_prompt_length=config.max_prompt_length)
         metrics = {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))}
         metrics.update({f"eval/{block['measure'].replace(' ', '_')}_by_type/{kind.replace(' ', '_')}": block["value"]
                         for kind, block in summary["by_problem_type"].items()})

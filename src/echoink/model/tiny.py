@@ -4,8 +4,10 @@ Tests, the demo and the benchmarks use it in place of Qwen2.5-Omni-7B. It has th
 architecture classes, special tokens, chat template, processors and file layout, so the code that
 loads and trains it is the code that loads and trains the 7B model:
 
-    layout "full"     config.json with model_type qwen2_5_omni (thinker + talker + token2wav configs) and
+    layout "full"     config.json with model_type qwen2_5_omni (thinker + talker + token2wav configs),
                       weights prefixed `thinker.` / `talker.` / `token2wav.` in the published key naming
+                      and spk_dict.pt: a real (tiny) talker and token2wav, so transformers'
+                      `Qwen2_5OmniForConditionalGeneration` builds and loads it
     layout "thinker"  config.json with model_type qwen2_5_omni_thinker, what our trainer saves
 
 Sizes (`TinySpec`): "tiny" (1.6 M parameters: text hidden 128 x 2 layers, audio d_model 64 x 1,
@@ -220,35 +222,45 @@ def write_tiny_checkpoint(out_dir: str | Path, layout: str = "thinker", seed: in
 
 
 def _write_full_layout(model, out_dir: Path, seed: int) -> None:
-    """The published Qwen2.5-Omni layout: one config for thinker/talker/token2wav, prefixed weights.
+    """The published Qwen2.5-Omni layout: one config for thinker/talker/token2wav, prefixed weights, speakers.
 
     The published checkpoint predates transformers' `model.language_model` nesting: its thinker
     keys are `thinker.audio_tower.*`, `thinker.visual.*`, `thinker.model.*` (the text model) and
     `thinker.lm_head.*`. We write the same names, so loading exercises the same key conversion.
-    The talker and token2wav weights are small random stand-ins that the loader must skip.
+    The talker and token2wav are real, tiny and random (`TALKER_SHAPE`, `TOKEN2WAV_SHAPE`):
+    `Qwen2_5OmniForConditionalGeneration` builds and loads the directory, while our loader skips
+    them. token2wav is stored in bfloat16 (as published; transformers casts it to fp32 when it
+    loads), so anything that re-saves it from a loaded model instead of copying the file changes its
+    bytes. `spk_dict.pt` holds two speakers in the published structure (a torch.save'd dict; only
+    transformers reads it, with `weights_only=True`).
     """
-    thinker_cfg = model.config.to_dict()
-    config = {
-        "architectures": ["Qwen2_5OmniModel"],
-        "model_type": "qwen2_5_omni",
-        "enable_audio_output": True,
-        "thinker_config": thinker_cfg,
-        "talker_config": {"model_type": "qwen2_5_omni_talker", "hidden_size": 32, "num_hidden_layers": 1,
-                          "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
-                          "intermediate_size": 64, "vocab_size": 64, "embedding_size": thinker_cfg["text_config"]["hidden_size"]},
-        "token2wav_config": {"model_type": "qwen2_5_omni_token2wav"},
-        "torch_dtype": "float32",
-    }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniTalkerForConditionalGeneration, Qwen2_5OmniToken2WavModel
+
+    from echoink.model.loading import _quiet_transformers
+
+    with _quiet_transformers():  # transformers' default talker config warns about its own 7B token ids
+        config = Qwen2_5OmniConfig(thinker_config=model.config.to_dict(), talker_config=talker_config(model.config),
+                                   token2wav_config=dict(TOKEN2WAV_SHAPE), enable_audio_output=True)
+        config.architectures = ["Qwen2_5OmniModel"]
+        config.dtype = "float32"
+        config.save_pretrained(str(out_dir))
     tensors = {}
     for name, tensor in model.state_dict().items():
         published = name.replace("model.language_model.", "model.").replace("model.audio_tower.", "audio_tower.")
         published = published.replace("model.visual.", "visual.")
         tensors[f"thinker.{published}"] = tensor.contiguous()
+    torch.manual_seed(seed + 1)
+    talker = Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config)
+    token2wav = Qwen2_5OmniToken2WavModel(config.token2wav_config)
+    tensors.update({f"talker.{k}": v.contiguous() for k, v in talker.state_dict().items()})
+    tensors.update({f"token2wav.{k}": v.to(torch.bfloat16).contiguous() for k, v in token2wav.state_dict().items()})
     generator = torch.Generator().manual_seed(seed)
-    tensors["talker.model.embed_tokens.weight"] = torch.randn(64, 32, generator=generator)
-    tensors["talker.codec_head.weight"] = torch.randn(64, 32, generator=generator)
-    tensors["token2wav.code2wav_dit_model.input_embed.proj.weight"] = torch.randn(16, 16, generator=generator)
+    dit = TOKEN2WAV_SHAPE["dit_config"]
+    speakers = {name: {"bos_token": config.talker_config.tts_text_start_token_id,
+                       "cond": torch.randn(dit["enc_emb_dim"], generator=generator),
+                       "ref_mel": torch.randn(24, dit["mel_dim"], generator=generator)}
+                for name in ("Chelsie", "Ethan")}
+    torch.save(speakers, out_dir / "spk_dict.pt")
     write_published_shards(tensors, out_dir)
 
 
@@ -264,3 +276,43 @@ def write_published_shards(tensors: dict[str, torch.Tensor], out_dir: Path) -> N
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
              "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+#: The tiny talker: a 1-layer Qwen2 decoder over a codec vocabulary (published: 28 layers, 8448 codes).
+TALKER_SHAPE = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 4096}
+#: The tiny token2wav: a 2-layer DiT (mel generator) and a BigVGAN vocoder. BigVGAN's residual blocks
+#: need exactly three dilations each (its AMP blocks are built for three).
+TOKEN2WAV_SHAPE = {
+    "dit_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 16,
+                   "emb_dim": 16, "num_embeds": 64, "mel_dim": 16, "enc_emb_dim": 8, "enc_dim": 8,
+                   "enc_channels": [16, 16, 16, 16, 48], "enc_attention_channels": 8, "enc_se_channels": 8,
+                   "look_ahead_layers": [1], "look_backward_layers": [0]},
+    "bigvgan_config": {"mel_dim": 16, "upsample_initial_channel": 32, "resblock_kernel_sizes": [3],
+                       "resblock_dilation_sizes": [[1, 3, 5]], "upsample_rates": [2, 2],
+                       "upsample_kernel_sizes": [4, 4]},
+}
+
+
+def talker_config(thinker: Qwen2_5OmniThinkerConfig) -> dict:
+    """The tiny talker's config, its token ids taken from the thinker (as in the published config).
+
+    The talker reads thinker token ids (media placeholders, and the three TTS text tokens, which are
+    the last ids of the thinker's padded vocabulary here), so its vocabulary is the thinker's size;
+    its own codec tokens (pad, start, end, mask) are four ids near the end of it.
+    """
+    vocab = thinker.text_config.vocab_size
+    head_dim = TALKER_SHAPE["head_dim"]
+    quarter = head_dim // 2 // 4
+    mrope = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
+    return {
+        **TALKER_SHAPE, "vocab_size": vocab, "embedding_size": thinker.text_config.hidden_size,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
+        "audio_token_index": thinker.audio_token_index, "image_token_index": thinker.image_token_index,
+        "video_token_index": thinker.video_token_index, "vision_start_token_id": thinker.vision_start_token_id,
+        "vision_end_token_id": thinker.vision_end_token_id, "audio_start_token_id": thinker.audio_start_token_id,
+        "audio_end_token_id": thinker.audio_end_token_id,
+        "tts_text_pad_token_id": vocab - 3, "tts_text_start_token_id": vocab - 2, "tts_text_end_token_id": vocab - 1,
+        "tts_codec_pad_token_id": vocab - 8, "tts_codec_start_token_id": vocab - 7, "tts_codec_end_token_id": vocab - 6,
+        "tts_codec_mask_token_id": vocab - 5,
+    }

@@ -1,0 +1,206 @@
+"""`echoink export` and the model card (issue 16, items 1-2).
+
+Acceptance: train the tiny model 2 steps from the full layout, export it to the full layout, load the export
+with transformers' `Qwen2_5OmniForConditionalGeneration`, and get `echoink eval`'s greedy text; the talker and
+token2wav tensors are byte-identical to the base's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from echoink.cli import app
+from echoink.data import load_dataset
+from echoink.export import ExportError, export_model, write_model_card
+from echoink.export.export import thinker_key
+from echoink.model.tiny import write_tiny_checkpoint
+
+
+def _tensor_bytes(directory: Path, prefixes: tuple[str, ...]) -> dict[str, tuple[str, bytes]]:
+    """name -> (dtype, raw bytes) of every stored tensor whose name starts with one of `prefixes`."""
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for name, file in index.items():
+        if name.startswith(prefixes):
+            with safe_open(str(directory / file), "pt") as handle:
+                tensor = handle.get_tensor(name)
+            out[name] = (str(tensor.dtype), tensor.contiguous().view(torch.uint8).numpy().tobytes())
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_full_dir, mixed_dataset, tmp_path_factory):
+    """`echoink train` 2 steps from the tiny full layout (the CLI writes the model card)."""
+    out = tmp_path_factory.mktemp("export_run") / "run"
+    result = CliRunner().invoke(app, [
+        "train", f"model_path={tiny_full_dir}", f"train_data={mixed_dataset}/train/omni_rl_format_train.json",
+        f"output_dir={out}", "num_generations=2", "max_completion_length=8", "learning_rate=1e-3", "seed=0",
+        "max_steps=2", "per_device_train_batch_size=2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "model card" in result.output
+    return out
+
+
+@pytest.mark.slow
+def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_run, tiny_full_dir, mixed_dataset,
+                                                                        tmp_path):
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from echoink.model.generation import SamplingSettings, media_token_ids
+    from echoink.model.inputs import encode_prompt
+    from echoink.model.processor import load_processor
+
+    final = trained_run / "final"
+    card = (final / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "## Reward curves" in card and "| `reward` |" in card
+    exported = tmp_path / "exported"
+    runner = CliRunner()
+    result = runner.invoke(app, ["export", "--model", str(final), "--base", str(tiny_full_dir), "--out", str(exported)])
+    assert result.exit_code == 0, result.output
+
+    # talker and token2wav: the base's tensors, same dtype (token2wav stays bfloat16), same bytes; speakers as a file
+    base_parts = _tensor_bytes(tiny_full_dir, ("talker.", "token2wav."))
+    assert base_parts and _tensor_bytes(exported, ("talker.", "token2wav.")) == base_parts
+    assert {dtype for dtype, _ in base_parts.values()} == {"torch.float32", "torch.bfloat16"}
+    assert (exported / "spk_dict.pt").read_bytes() == (tiny_full_dir / "spk_dict.pt").read_bytes()
+    # the thinker is the trained one, not the base's
+    assert _tensor_bytes(exported, ("thinker.model.norm",)) != _tensor_bytes(tiny_full_dir, ("thinker.model.norm",))
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_omni" and config["thinker_config"]["model_type"] == "qwen2_5_omni_thinker"
+    assert config["talker_config"] == json.loads((tiny_full_dir / "config.json").read_text())["talker_config"]
+    assert "## How to load" in (exported / "README.md").read_text()
+    assert "\n# exported\n" in (exported / "README.md").read_text()
+
+    # echoink eval's greedy text on the trained model ...
+    data = mixed_dataset / "valid" / "omni_rl_format_valid.json"
+    preds = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["eval", "--model", str(final), "--data", str(data), "--out", str(preds),
+                                 "--limit", "3", "--max-new-tokens", "8", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    replies = [json.loads(line)["reply"] for line in preds.read_text().splitlines()]
+
+    # ... equals what transformers' full model generates from the export, on the same prompts
+    full = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(exported)).eval()
+    assert full.has_talker and set(full.speaker_map) == {"Chelsie", "Ethan"}
+    processor = load_processor(exported)
+    tokenizer = processor.tokenizer
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    generation = SamplingSettings(greedy=True, max_new_tokens=8).generation_config(eos, pad, media_token_ids(tokenizer))
+    for record, reply in zip(load_dataset(data)[:3], replies):
+        prompt = encode_prompt(record, processor)
+        with torch.no_grad():
+            sequences = full.generate(**prompt.model_kwargs(), generation_mode="text", thinker_max_new_tokens=8,
+                                      thinker_generation_config=generation)
+        text = tokenizer.decode(sequences[0, prompt.length:], skip_special_tokens=True)
+        assert text == reply and len(text) > 0
+
+
+def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, tmp_path):
+    other_size = write_tiny_checkpoint(tmp_path / "bench_full", layout="full", size="bench")
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="architecture: thinker text_config.hidden_size is 128 .* 512 in the base"):
+        export_model(tiny_model_dir, out, base_dir=other_size)
+    assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+    shifted = tmp_path / "shifted_base"
+    shutil.copytree(tiny_full_dir, shifted)
+    config = json.loads((shifted / "config.json").read_text())
+    config["thinker_config"]["image_token_index"] += 1
+    (shifted / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--base", str(shifted),
+                                      "--out", str(out)])
+    assert result.exit_code == 1 and "special-token id: thinker image_token_index" in result.output
+    assert "nothing was written" in result.output and not out.exists()
+
+    tokenizer = json.loads((shifted / "tokenizer.json").read_text())
+    config["thinker_config"]["image_token_index"] -= 1
+    (shifted / "config.json").write_text(json.dumps(config))
+    swapped = {"<|IMAGE|>": "<|VIDEO|>", "<|VIDEO|>": "<|IMAGE|>"}
+    for token in tokenizer["added_tokens"]:
+        token["content"] = swapped.get(token["content"], token["content"])
+    (shifted / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ExportError, match=r"special-token id: <\|IMAGE\|> is"):
+        export_model(tiny_model_dir, out, base_dir=shifted)
+
+    from echoink.model.families import write_tiny_checkpoint as write_family_checkpoint
+
+    qwen3 = write_family_checkpoint(tmp_path / "qwen3_full", family="qwen3-omni", layout="full")
+    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+        export_model(tiny_model_dir, out, base_dir=qwen3)
+    with pytest.raises(ExportError, match="needs --base"):
+        export_model(tiny_model_dir, out)
+    with pytest.raises(ExportError, match="model_type 'qwen2_5_omni_thinker'"):
+        export_model(tiny_model_dir, out, base_dir=tiny_model_dir)
+    out.mkdir()
+    with pytest.raises(ExportError, match="already exists"):
+        export_model(tiny_model_dir, out, base_dir=tiny_full_dir)
+
+
+def test_export_thinker_layout_and_key_names(tiny_model_dir, tiny_full_dir, tmp_path):
+    out = tmp_path / "thinker_export"
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text("".join(json.dumps({"problem_id": i, "gt": "A", "pred": "A", "correct": i < 3,
+                                               "reply": "<answer>A</answer>"}) + "\n" for i in range(4)))
+    result = export_model(tiny_model_dir, out, layout="thinker", base_dir=tiny_full_dir, predictions=[predictions])
+    assert result.layout == "thinker" and (out / "README.md").is_file()
+    assert "| `pred.jsonl` | 4 | 75.0 | [30.1, 95.4] | ours |" in (out / "README.md").read_text()
+    assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
+    assert thinker_key("model.language_model.layers.0.mlp.up_proj.weight") == "thinker.model.layers.0.mlp.up_proj.weight"
+    assert thinker_key("model.audio_tower.conv1.weight") == "thinker.audio_tower.conv1.weight"
+    assert thinker_key("visual.blocks.0.norm1.weight") == "thinker.visual.blocks.0.norm1.weight"
+
+
+def test_model_card_from_a_run_with_a_cut_metrics_line(tmp_path):
+    run = tmp_path / "run"
+    model = run / "final"
+    model.mkdir(parents=True)
+    rows = [{"step": s, "reward": 0.5 + 0.1 * s, "rewards/accuracy": 0.1 * s, "kl": 0.0} for s in range(1, 11)]
+    rows[-1]["eval/accuracy"], rows[-1]["eval/ci_low"], rows[-1]["eval/ci_high"], rows[-1]["eval/n"] = 0.6, 0.4, 0.8, 20
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 11, "rew')
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# Base\n")
+    config = {"model_path": str(base), "train_data": "AVQA_R1/train/omni_rl_format_train.json", "beta": 0.0,
+              "num_generations": 16, "learning_rate": 1e-6, "reward_funcs": ["accuracy", "format"]}
+    card = write_model_card(model, run_dir=run, config=config).read_text()
+    assert "\n# run/final\n" in card
+    assert "| `kl` | β = 0: no KL term |" in card and "`lora_r`" not in card
+    header = card.split("---\n")[1]
+    assert "license: apache-2.0" in header and f"base_model: {base}" in header and "library_name: transformers" in header
+    assert "- AVQA_R1/train/omni_rl_format_train.json" in header
+    assert "| `num_generations` | `16` |" in card and "| logged steps | 10 (last step 10) |" in card
+    assert "| `reward` | 0.6 | 1.5 |" in card                      # first and last logged values
+    assert "| 10 | 60.0 | [40.0, 80.0] | 20 |" in card               # the in-training eval table
+    assert "metrics.jsonl:11: invalid JSON" in card and "ignored" in card
+
+
+def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tmp_path):
+    from echoink.config import TrainConfig
+    from echoink.model import load_thinker
+    from echoink.model.trainable import wrap_lora
+
+    thinker, _ = load_thinker(tiny_model_dir, dtype="float32")
+    peft_model = wrap_lora(thinker, TrainConfig(use_peft=True, lora_r=2, lora_alpha=4, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.5)                                        # adapters that change the model
+    adapter = tmp_path / "run" / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    merged = {thinker_key(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+    out = tmp_path / "exported"
+    result = export_model(adapter, out, base_dir=tiny_full_dir)
+    assert result.merged_lora
+    exported = _tensor_bytes(out, ("thinker.",))
+    assert set(exported) == set(merged)
+    name = "thinker.model.layers.0.self_attn.q_proj.weight"                     # a LoRA target (text model)
+    assert exported[name][1] == merged[name].contiguous().view(torch.uint8).numpy().tobytes()
+    base_q = _tensor_bytes(tiny_full_dir, (name,))[name][1]
+    assert exported[name][1] != base_q                                           # the adapter is in the weights
