@@ -34,6 +34,9 @@ from echoink.model.processor import load_processor, save_processor
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 PICKLE_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+#: Pickle files of a published full layout that are not weights (Qwen2.5-Omni's talker speakers): never read
+#: by echoink, and no reason to call the directory a pickle checkpoint.
+NOT_WEIGHT_FILES = ("spk_dict.pt",)
 #: (tokenizer attribute, config attribute) pairs that must name the same token id.
 MEDIA_TOKEN_PAIRS = (("audio_token", "audio_token_id"), ("image_token", "image_token_id"),
                      ("video_token", "video_token_id"))
@@ -99,7 +102,8 @@ def _check_weights(path: Path, full: bool) -> None:
         return
     if any(path.glob("*.safetensors")):
         return
-    pickles = sorted(f.name for pattern in PICKLE_WEIGHT_PATTERNS for f in path.glob(pattern))
+    pickles = sorted(f.name for pattern in PICKLE_WEIGHT_PATTERNS for f in path.glob(pattern)
+                     if f.name not in NOT_WEIGHT_FILES)
     if pickles:
         raise ModelLoadError(f"{path / pickles[0]}: pickle weight files are not loaded (unpickling can run code); "
                              "convert the weights to safetensors (model.save_pretrained(..., safe_serialization=True))")
