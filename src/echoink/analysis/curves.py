@@ -44,6 +44,7 @@ PANELS: tuple[Panel, ...] = (
     Panel("KL to reference", ("kl",), "KL (k3 estimate)"),
     Panel("Reward std within groups", ("reward_std",), "std of reward"),
     Panel("Evaluation accuracy", ("eval/accuracy",), "accuracy", smooth=False),
+    Panel("Informative groups (rewards not all equal)", ("informative_share",), "share of trained-on groups"),
 )
 
 
@@ -144,8 +145,8 @@ def _draw_panel(axis, panel: Panel, rows: Sequence[dict[str, Any]], no_kl_term: 
 
 def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Union[str, Path],
                          beta: Optional[float] = None) -> Path:
-    """Draw the training-dynamics figure (six panels: accuracy reward, format reward, completion length, KL,
-    within-group reward std, evaluation accuracy) of ``metrics.jsonl`` (or ``RUN_DIR/metrics.jsonl``) into
+    """Draw the training-dynamics figure (seven panels: accuracy reward, format reward, completion length, KL,
+    within-group reward std, evaluation accuracy, share of informative groups) of ``metrics.jsonl`` (or ``RUN_DIR/metrics.jsonl``) into
     ``out_png``, written atomically. Returns the PNG path. ``beta``: the run's KL coefficient (default: read from
     the run's config.resolved.json); with β = 0 the KL panel says "β = 0: no KL term".
 
@@ -162,13 +163,14 @@ def plot_training_curves(metrics_path_or_run_dir: Union[str, Path], out_png: Uni
 
 
 def training_figure(rows: Sequence[dict[str, Any]], run_name: str = "", beta: Optional[float] = None):
-    """The six-panel matplotlib ``Figure`` of logged ``rows`` (what `plot_training_curves` saves); β = 0 labels
+    """The seven-panel matplotlib ``Figure`` of logged ``rows`` (what `plot_training_curves` saves); β = 0 labels
     the KL panel "β = 0: no KL term"."""
     from matplotlib.figure import Figure  # the object API renders with Agg and never touches pyplot's state
 
     rows = sorted(rows, key=lambda row: row["step"])
-    figure = Figure(figsize=(16, 8.5))
-    axes = figure.subplots(2, 3)
+    figure = Figure(figsize=(21, 8.5))
+    axes = figure.subplots(2, 4)
+    axes.flat[-1].set_visible(False)  # seven panels on a 2 x 4 grid
     for axis, panel in zip(axes.flat, PANELS):
         _draw_panel(axis, panel, rows, no_kl_term=beta == 0)
     n_steps = len({row["step"] for row in rows})

@@ -140,6 +140,7 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
     stats = {"skipped_prompts": float(sum(draw.skipped_prompts for draw in draws)),
              "skipped_records": float(skipped_records),
              "informative_groups": float(informative_groups),
+             "informative_share": informative_groups / len(groups) if groups else float("nan"),
              "skipped_groups": float(sum(not g.trained for g in groups)),
              "sampling_rounds": float(sum(draw.rounds for draw in draws)),
              "rollout_groups": float(rolled_out),
