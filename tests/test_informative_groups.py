@@ -142,3 +142,11 @@ def test_skipped_groups_are_marked_untrained_in_completions(tiny_model_dir, mixe
         assert c["trained"] == differs
     assert sum(r["skipped_groups"] for r in rows) == len({(c["step"], c["problem_id"]) for c in completions
                                                           if not c["trained"]})
+
+
+def test_len_control_reaches_the_training_log(tiny_model_dir, mixed_dataset, tmp_path):
+    """train() builds its rewards from the whole config: the len_control column is scored and logged."""
+    rows, completions = _train(tiny_model_dir, mixed_dataset, tmp_path / "run", "len_control=true",
+                               "len_control_min_tokens=1", "len_control_max_tokens=8")
+    assert all("rewards/length" in row for row in rows)
+    assert all("length" in c["rewards"] for c in completions)

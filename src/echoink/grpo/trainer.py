@@ -41,6 +41,7 @@ from echoink.model import load_thinker
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
 from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
+from echoink.problem_types import register_problem_types
 from echoink.prompts import PromptTemplate
 
 
@@ -58,12 +59,13 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     if not config.train_data:
         raise ValueError("config: train_data is required")
     previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
+    register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
     if config.eval_steps and evaluate is None:
         raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval."
                           "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
-    rewards = RewardSet.from_config(config.reward_funcs, config.reward_weight_list)
+    rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
 
