@@ -3,9 +3,12 @@
     python benchmarks/group_sharing.py                                  # CPU, C = 128 and 256, G = 16
     python benchmarks/group_sharing.py --gradient-checkpointing
     python benchmarks/group_sharing.py --dtype bfloat16 --device cuda   # GPU
+    python benchmarks/group_sharing.py --family qwen3-omni              # the Qwen3-Omni (MoE) thinker
 
-Model: `echoink.model.tiny.BENCH` ("tiny but realistic in shape": text hidden 512 x 4 layers,
-vision and audio encoders of 4 layers), random weights. Prompt: a 448x448 image (256 image
+Model: the family's tiny builder at size "bench" ("tiny but realistic in shape": text hidden 512 x 4
+layers, vision and audio encoders of 4 layers), random weights: `echoink.model.tiny` for
+qwen2.5-omni (dense), `echoink.model.families.qwen3_omni_tiny` for qwen3-omni (16 experts, top-2,
+a deepstack layer). Prompt: a 448x448 image (256 image
 tokens), 10 s of a tone (250 audio tokens) and a long-ish question (P ~ 720), built directly with
 the processor. Each step, for G completions of exactly C tokens:
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import os
 import re
@@ -56,6 +60,8 @@ PATHS = ("none", "encoders", "full", "full-packed")
 SHARING = {"none": ("none", "auto"), "encoders": ("encoders", "auto"), "full": ("full", "kv"),
            "full-packed": ("full", "packed")}
 PHASES = ("rollout", "policy", "reference")
+# family name (echoink.model.families) -> the module of its offline tiny builder (SPECS, build_tiny_thinker)
+TINY_BUILDERS = {"qwen2.5-omni": "echoink.model.tiny", "qwen3-omni": "echoink.model.families.qwen3_omni_tiny"}
 QUESTION = (  # ~180 tokens, so that P ~ 720 with the image and the audio
     "The picture shows circles in four colours, each colour a different number of times. Which colour appears "
     "as many times as the number of beeps you hear? Options: A. red B. green C. blue D. yellow. "
@@ -153,12 +159,12 @@ def run_worker(args) -> dict:
     from echoink.grpo.rollout import sample_group
     from echoink.model.generation import SamplingSettings, completion_mask
     from echoink.grpo.types import Group
-    from echoink.model.tiny import SPECS, build_tiny_thinker
 
+    tiny = importlib.import_module(TINY_BUILDERS[args.family])
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model, processor = build_tiny_thinker(SPECS[args.spec], seed=0)
+    model, processor = tiny.build_tiny_thinker(tiny.SPECS[args.spec], seed=0)
     model = model.to(device=device, dtype=dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -220,7 +226,7 @@ def run_worker(args) -> dict:
 
     one_step(2, 8, seed=1)  # warm-up: kernels, allocator, lazy initialisation
     return {
-        "path": args.path, "C": args.completion_length, "G": args.generations, "P": prompt.length,
+        "family": args.family, "path": args.path, "C": args.completion_length, "G": args.generations, "P": prompt.length,
         "gradient_checkpointing": args.gradient_checkpointing, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         **one_step(args.generations, args.completion_length, seed=100),
@@ -233,7 +239,7 @@ def run_worker(args) -> dict:
 def run_config(args, path: str, c: int) -> dict:
     command = [sys.executable, __file__, "--worker", "--path", path, "--completion-length", str(c),
                "--generations", str(args.generations), "--dtype", args.dtype,
-               "--device", args.device, "--spec", args.spec, "--threads", str(args.threads)]
+               "--device", args.device, "--spec", args.spec, "--family", args.family, "--threads", str(args.threads)]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     done = subprocess.run(command, capture_output=True, text=True, env=worker_env(args.spin_count))
@@ -308,6 +314,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--spec", default="bench", choices=["tiny", "bench"])
+    parser.add_argument("--family", default="qwen2.5-omni", choices=sorted(TINY_BUILDERS),
+                        help="model family of the tiny thinker (its builder's `--spec` size)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--spin-count", type=int, default=10000,
                         help="GOMP_SPINCOUNT for the workers (0: OMP_WAIT_POLICY=PASSIVE); see the docstring")
@@ -328,7 +336,7 @@ def main(argv=None) -> None:
     if "none" not in paths:
         paths = ["none", *paths]
     started, load_before = time.perf_counter(), loadavg()
-    print(f"# group sharing: G={args.generations} C={args.completion_lengths} "
+    print(f"# group sharing: family={args.family} G={args.generations} C={args.completion_lengths} "
           f"gradient_checkpointing={args.gradient_checkpointing} device={args.device} dtype={args.dtype} "
           f"repeats={args.repeats} spin_count={args.spin_count} cpus={os.cpu_count()} load={load_before}", flush=True)
     runs: dict[tuple[int, str], list[dict]] = {}

@@ -273,6 +273,9 @@ def _working_directory_importable() -> None:
 def demo_command(
     ctx: typer.Context,
     out: Path = typer.Option(Path("demo_out"), "--out", help="Directory for data, models, run and summary.json."),
+    family: str = typer.Option("qwen2.5-omni", "--family",
+                               help="Tiny model family: qwen2.5-omni or qwen3-omni (models and run in "
+                                    "<out>/model_warm-<family>, <out>/run-<family>)."),
 ) -> None:
     """The embedded default end to end: synthetic data, tiny model, GRPO, before/after accuracy, curves.
 
@@ -286,7 +289,7 @@ def demo_command(
     from echoink.model import ModelLoadError
 
     try:
-        summary = run_demo(out, overrides=ctx.args)
+        summary = run_demo(out, overrides=ctx.args, family=family)
     except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError) as exc:
         _fail(f"{exc} (demo config: echoink/demo/demo_cpu.yaml; key=value arguments override it)"
               if isinstance(exc, ConfigError) else str(exc))

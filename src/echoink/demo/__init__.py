@@ -1,6 +1,6 @@
 """The embedded default, end to end on 2 CPU cores (`make demo`, `echoink demo`).
 
-    synthetic audio-visual set  ->  tiny random Qwen2.5-Omni  ->  format warm-up (random letters)
+    synthetic audio-visual set  ->  tiny random thinker (Qwen2.5-Omni, or Qwen3-Omni with --family)  ->  format warm-up (random letters)
       ->  greedy validation accuracy  ->  GRPO (demo_cpu.yaml, shipped in this package)  ->  greedy validation accuracy
       ->  training-curve PNG, before/after table, summary.json
 
@@ -10,6 +10,12 @@ signal (the warm-up draws its answer letters at random). A 1-million-parameter r
 not reason: it learns to map a colour or a pitch to a letter. The task is designed for that (see
 docs/demo.md): options in a fixed order, two very distinct single-modality families, letter-balanced
 batches. Nothing here says anything about Qwen2.5-Omni-7B's accuracy on AVQA.
+
+Families: `family` picks the tiny model's family (`echoink.model.families`). The demo config is
+shared; a family that needs other settings gets a few key=value overrides in `FAMILY_OVERRIDES`
+(applied before the caller's, so key=value arguments still win). A non-default family keeps its
+models and run in its own directories (`model_warm-qwen3-omni`, `run-qwen3-omni`), so demos of two
+families share the data but never each other's models.
 """
 
 from __future__ import annotations
@@ -27,15 +33,23 @@ from echoink.io import write_json_atomic
 from echoink.data.synth import write_synthetic_dataset
 from echoink.model import load_thinker, save_thinker
 from echoink.model.inputs import MediaOptions
-from echoink.model.tiny import write_tiny_checkpoint
+from echoink.model.families import DEFAULT_FAMILY, family_by_name, write_tiny_checkpoint
 from echoink.prompts import PromptTemplate
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo_cpu.yaml"  # package data: works from a wheel
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
 WARMUP_STEPS = 100
+# family name -> demo config overrides for that family's tiny model (see docs/demo.md)
+FAMILY_OVERRIDES: dict[str, list[str]] = {"qwen3-omni": []}
 
 
-def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, seed: int = 0) -> dict:
+def family_suffix(family: str) -> str:
+    """Directory-name suffix of a family's demo models and run ("" for the default family)."""
+    return "" if family == DEFAULT_FAMILY.name else f"-{family}"
+
+
+def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, seed: int = 0,
+                        family: str = DEFAULT_FAMILY.name, warmup_steps: int = WARMUP_STEPS) -> dict:
     """Create (when missing) the synthetic data, the tiny model and the format-warmed model.
 
     Paths come from the demo config (model_path = the warmed model, train_data / eval_data).
@@ -50,13 +64,13 @@ def prepare_demo_inputs(out_dir: Path, config, console: Console | None = None, s
         write_synthetic_dataset(train_json.parent.parent, 800, 200, seed=seed, families=list(DEMO_FAMILIES),
                                 shuffle_options=False)
     if not (warm_dir / "config.json").is_file():
-        init_dir = warm_dir.parent / "tiny_init"
-        console.print(f"[bold]2. tiny random Qwen2.5-Omni thinker[/bold] -> {init_dir}")
-        write_tiny_checkpoint(init_dir, layout="thinker", seed=seed)
+        init_dir = warm_dir.parent / f"tiny_init{family_suffix(family)}"
+        console.print(f"[bold]2. tiny random {family_by_name(family).display_name} thinker[/bold] -> {init_dir}")
+        write_tiny_checkpoint(init_dir, family=family, layout="thinker", seed=seed)
         model, processor = load_thinker(init_dir)
-        console.print(f"[bold]3. format warm-up[/bold]: {WARMUP_STEPS} supervised steps on "
+        console.print(f"[bold]3. format warm-up[/bold]: {warmup_steps} supervised steps on "
                       "'<think>ok</think><answer>L</answer>' with L a RANDOM letter (teaches the format, not the answers)")
-        report["warmup"] = format_warmup(model, processor, load_dataset(train_json), steps=WARMUP_STEPS,
+        report["warmup"] = format_warmup(model, processor, load_dataset(train_json), steps=warmup_steps,
                                          seed=seed, media_options=MediaOptions.from_config(config),
                                          template=PromptTemplate.from_dict(config.prompt_template), log=console.print)
         save_thinker(model, processor, warm_dir)
@@ -75,8 +89,10 @@ def greedy_accuracy(model_dir: Path, config) -> dict:
 
 
 def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CONFIG, overrides: list[str] | None = None,
-             console: Console | None = None) -> dict:
-    """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json)."""
+             console: Console | None = None, family: str = DEFAULT_FAMILY.name,
+             warmup_steps: int = WARMUP_STEPS) -> dict:
+    """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json,
+    out_dir/summary-<family>.json for a non-default family)."""
     from echoink.analysis.curves import plot_training_curves
     from echoink.eval.run import training_evaluator
     from echoink.export import write_model_card
@@ -86,20 +102,22 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
 
     console = console or Console()
     out_dir = Path(out_dir)
+    family_by_name(family)  # an unknown family: one line naming the known ones
+    suffix = family_suffix(family)
     started = time.perf_counter()
     # the demo owns out_dir/run: a second `make demo` replaces the previous demo run (and says so)
-    config = load_config(config_path, [f"output_dir={out_dir / 'run'}",
-                                       f"model_path={out_dir / 'model_warm'}",
+    config = load_config(config_path, [f"output_dir={out_dir / f'run{suffix}'}",
+                                       f"model_path={out_dir / f'model_warm{suffix}'}",
                                        f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
                                        f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
-                                       *(overrides or [])])
-    if Path(config.output_dir) == out_dir / "run" and previous_run_entries(config.output_dir):
+                                       *FAMILY_OVERRIDES.get(family, []), *(overrides or [])])
+    if Path(config.output_dir) == out_dir / f"run{suffix}" and previous_run_entries(config.output_dir):
         config.overwrite_output_dir = True
         console.print(f"[bold]{config.output_dir}[/bold] holds a previous demo run: this run replaces it "
                       "(the data and models in the demo directory are reused)")
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
-    prep = prepare_demo_inputs(out_dir, config, console, seed=config.seed)
+    prep = prepare_demo_inputs(out_dir, config, console, seed=config.seed, family=family, warmup_steps=warmup_steps)
 
     console.print("[bold]4. greedy validation accuracy before GRPO[/bold]")
     before = greedy_accuracy(Path(config.model_path), config)
@@ -120,14 +138,16 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
         "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "format_before": before["format_rate"], "format_after": after["format_rate"],
         "ci_before": [before["ci_low"], before["ci_high"]], "ci_after": [after["ci_low"], after["ci_high"]],
-        "valid_items": after["n"], "steps": config.max_steps, "train_seconds": train_seconds,
+        "family": family, "valid_items": after["n"], "steps": config.max_steps, "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started, "final_model": str(final_dir), "curves": str(curves),
         "warmup": prep.get("warmup"),
         "note": "tiny random model; format warm-up used random letters, so the accuracy gain comes from GRPO's reward",
     }
-    write_json_atomic(out_dir / "summary.json", summary)
+    summary_file = out_dir / f"summary{suffix}.json"
+    write_json_atomic(summary_file, summary)
 
-    table = Table(title="echoink demo: greedy validation accuracy (tiny model, synthetic audio-visual set)")
+    table = Table(title=f"echoink demo: greedy validation accuracy (tiny {family_by_name(family).display_name}, "
+                        "synthetic audio-visual set)")
     for column in ("", "accuracy (95% CI)", "format"):
         table.add_column(column)
     table.add_row("before GRPO", f"{before['accuracy']:.3f} ({before['ci_low']:.3f}-{before['ci_high']:.3f})",
@@ -135,5 +155,5 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
     table.add_row("after GRPO", f"{after['accuracy']:.3f} ({after['ci_low']:.3f}-{after['ci_high']:.3f})",
                   f"{after['format_rate']:.3f}")
     console.print(table)
-    console.print(f"{config.max_steps} GRPO steps in {train_seconds:.0f} s; curves: {curves}; summary: {out_dir / 'summary.json'}")
+    console.print(f"{config.max_steps} GRPO steps in {train_seconds:.0f} s; curves: {curves}; summary: {summary_file}")
     return summary
