@@ -16,7 +16,8 @@ BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_para
 
 def test_the_expected_files_are_shipped():
     names = {p.name for p in ACCELERATE}
-    assert {"ddp_8gpu.yaml", "zero2_8gpu.yaml", "zero3_8gpu.yaml", "zero3_4gpu.yaml", "fsdp_8gpu.yaml"} <= names
+    assert {"ddp_8gpu.yaml", "zero2_8gpu.yaml", "zero3_8gpu.yaml", "zero3_4gpu.yaml", "fsdp_8gpu.yaml",
+            "zero3_2nodes_16gpu.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", ACCELERATE, ids=lambda p: p.name)
@@ -25,8 +26,11 @@ def test_accelerate_config_loads(path):
 
     config = load_config_from_file(str(path))
     expected = int(re.search(r"_(\d+)gpu", path.name).group(1))
-    assert config.num_processes == expected
-    assert config.num_machines == 1 and not config.use_cpu
+    nodes = re.search(r"_(\d+)nodes_", path.name)
+    assert config.num_processes == expected  # all machines together
+    assert config.num_machines == (int(nodes.group(1)) if nodes else 1) and not config.use_cpu
+    if config.num_machines > 1:  # every node runs the same file; rank and head address come on the command line
+        assert config.machine_rank == 0 and config.main_process_ip is None and config.rdzv_backend == "static"
     kind = str(config.distributed_type).rsplit(".", 1)[-1]
     prefix = path.name.split("_")[0]
     assert kind == {"ddp": "MULTI_GPU", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED", "fsdp": "FSDP"}[prefix]

@@ -15,20 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_distributed import (BIN, REPO, WORKER, _assert_reward_is_mean_over_ranks, _env, _free_port, _jsonl,
-                              _overrides, _rank_reports, _run)
+from test_distributed import (BIN, REPO, WORKER, _accelerate_launch, _assert_reward_is_mean_over_ranks,
+                              _deepspeed_available, _env, _free_port, _jsonl, _overrides, _rank_reports, _run,
+                              image_audio_dataset)  # noqa: F401 - image_audio_dataset is a fixture used here
 
 TIMING_KEYS = ("seconds", "time", "per_second", "tokens_per", "memory")
 
 
-def _two_node_launch(worker_args: list[str], timeout: int = 400) -> None:
-    """Start node 0 and node 1 together (static rendezvous at 127.0.0.1:port); both must succeed."""
-    port = str(_free_port())
-    launchers = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank),
-                                   "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-                                   str(WORKER), *worker_args],
-                                  cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for rank in (0, 1)]
+def _launch_nodes(commands: list[list[str]], timeout: int = 400) -> None:
+    """Start one launcher per node together; every one must succeed."""
+    launchers = [subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
     try:
         outputs = [launcher.communicate(timeout=timeout) for launcher in launchers]
     finally:
@@ -54,8 +51,10 @@ def test_two_nodes_on_loopback_train_what_one_node_with_two_processes_trains(tmp
     one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(WORKER),
           "--dump", str(one_node / "dump"), *_overrides(qwen3_model_dir, data, one_node, group_sharing="full")])
-    _two_node_launch(["--dump", str(two_nodes / "dump"),
-                      *_overrides(qwen3_model_dir, data, two_nodes, group_sharing="full")])
+    port = str(_free_port())  # static rendezvous at 127.0.0.1:port, node 0 hosting it
+    _launch_nodes([[str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                    "--master_addr", "127.0.0.1", "--master_port", port, str(WORKER), "--dump", str(two_nodes / "dump"),
+                    *_overrides(qwen3_model_dir, data, two_nodes, group_sharing="full")] for rank in (0, 1)])
 
     single, multi = _rank_reports(one_node), _rank_reports(two_nodes)
     assert [r["num_processes"] for r in multi] == [2, 2]
@@ -74,3 +73,27 @@ def test_two_nodes_on_loopback_train_what_one_node_with_two_processes_trains(tmp
     completions = [[(r["step"], r["problem_id"], r["completion"]) for r in _jsonl(out / "completions.jsonl")]
                    for out in (one_node, two_nodes)]
     assert sorted(completions[0]) == sorted(completions[1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_deepspeed_available() is not None, reason=str(_deepspeed_available()))
+def test_the_shipped_two_node_zero3_file_on_loopback_trains_what_one_node_trains(tmp_path, qwen3_model_dir,
+                                                                                 image_audio_dataset):
+    """configs/accelerate/zero3_2nodes_16gpu.yaml with one process per node (`--num_processes 2`), node
+    rank and head address on the command line as the recipe does it, against the single-node ZeRO-3 file
+    with two processes: the same gathered final weights and the same logged metrics."""
+    one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
+    _accelerate_launch("configs/accelerate/zero3_8gpu.yaml", one_node, qwen3_model_dir, image_audio_dataset)
+    port = str(_free_port())
+    _launch_nodes([[str(BIN / "accelerate"), "launch", "--config_file", "configs/accelerate/zero3_2nodes_16gpu.yaml",
+                    "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
+                    "--main_process_port", port, str(WORKER), "--dump", str(two_nodes / "dump"),
+                    *_overrides(qwen3_model_dir, image_audio_dataset, two_nodes, save_steps=2)] for rank in (0, 1)])
+
+    assert [r["distributed_type"].rsplit(".", 1)[-1] for r in _rank_reports(two_nodes)] == ["DEEPSPEED"] * 2
+    assert [r["num_processes"] for r in _rank_reports(two_nodes)] == [2, 2]
+    finals = [load_file(str(out / "final" / "model.safetensors")) for out in (one_node, two_nodes)]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    rows = [[_comparable(row) for row in _jsonl(out / "metrics.jsonl")] for out in (one_node, two_nodes)]
+    assert rows[0] == rows[1]
+    assert (two_nodes / "checkpoint-2" / "trainer_state.json").is_file()  # both ranks' ZeRO shards, one checkpoint
