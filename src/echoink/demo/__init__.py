@@ -11,10 +11,9 @@ not reason: it learns to map a colour or a pitch to a letter. The task is design
 docs/demo.md): options in a fixed order, two very distinct single-modality families, letter-balanced
 batches. Nothing here says anything about Qwen2.5-Omni-7B's accuracy on AVQA.
 
-Families: `family` picks the tiny model's family (`echoink.model.families`). The demo config is
-shared; a family that needs other settings gets a few key=value overrides in `FAMILY_OVERRIDES`
-(applied before the caller's, so key=value arguments still win). A non-default family keeps its
-models and run in its own directories (`model_warm-qwen3-omni`, `run-qwen3-omni`), so demos of two
+Families: `family` picks the tiny model's family (`echoink.model.families`); both families run the
+same demo config (docs/demo.md). A non-default family keeps its models, run and summary under its
+own names (`model_warm-qwen3-omni`, `run-qwen3-omni`, `summary-qwen3-omni.json`), so demos of two
 families share the data but never each other's models.
 """
 
@@ -39,8 +38,6 @@ from echoink.prompts import PromptTemplate
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo_cpu.yaml"  # package data: works from a wheel
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
 WARMUP_STEPS = 100
-# family name -> demo config overrides for that family's tiny model (see docs/demo.md)
-FAMILY_OVERRIDES: dict[str, list[str]] = {"qwen3-omni": []}
 
 
 def family_suffix(family: str) -> str:
@@ -110,7 +107,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
                                        f"model_path={out_dir / f'model_warm{suffix}'}",
                                        f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
                                        f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
-                                       *FAMILY_OVERRIDES.get(family, []), *(overrides or [])])
+                                       *(overrides or [])])
     if Path(config.output_dir) == out_dir / f"run{suffix}" and previous_run_entries(config.output_dir):
         config.overwrite_output_dir = True
         console.print(f"[bold]{config.output_dir}[/bold] holds a previous demo run: this run replaces it "
