@@ -59,7 +59,7 @@ def main(model_dir: str, data_file: str, out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({
         "sharded_numel": sharded_numel, "full_numel": full_numel, "completion_shape": list(group.completion_ids.shape),
         "logps_finite": bool(torch.isfinite(logps).all()), "params_with_grad": grads}))
-    dist.destroy_process_group()
+    dist.barrier()  # the process group is left to the exit: gloo's teardown can abort on a race ("terminate called")
 
 
 if __name__ == "__main__":
