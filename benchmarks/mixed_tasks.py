@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--warmup-steps", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--prompts", type=int, default=6, help="prompts per step (per_device_train_batch_size)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
     out = args.out
     config = load_config(None, [
         f"model_path={out / 'warm'}", f"train_data={out / 'data/train/omni_rl_format_train.json'}",
-        f"output_dir={out / 'run'}", "num_generations=8", "per_device_train_batch_size=6",
+        f"output_dir={out / 'run'}", "num_generations=8", f"per_device_train_batch_size={args.prompts}",
         "max_completion_length=32", "beta=0.0", f"learning_rate={args.learning_rate}", "lr_scheduler_type=constant",
         "weight_decay=0.0", "max_grad_norm=1.0", f"max_steps={args.steps}", "seed=0",
         f"torch_num_threads={args.threads}", "save_steps=0", "min_pixels=50176",

@@ -150,3 +150,104 @@ def test_len_control_reaches_the_training_log(tiny_model_dir, mixed_dataset, tmp
                                "len_control_min_tokens=1", "len_control_max_tokens=8")
     assert all("rewards/length" in row for row in rows)
     assert all("length" in c["rewards"] for c in completions)
+
+
+# ---- skipping in the two-process harness (real DDP, gloo) ----------------------------------------------------
+
+# Per process, three micro-batches of one group each; "zero" groups have all-equal rewards (advantage 0):
+#   micro-batch 0: rank 0 trains, rank 1's group is zero  -> rank 1 runs a zero-weight forward
+#   micro-batch 1: rank 0's group is zero, rank 1 trains   -> rank 0 runs a zero-weight forward
+#   micro-batch 2: both groups are zero                    -> the micro-batch is not run anywhere
+TWO_PROCESS_LAYOUT = {0: [(0, [1.0, -0.5, -0.5]), (1, [0.0, 0.0, 0.0]), (2, [0.0, 0.0, 0.0])],
+                      1: [(1, [0.0, 0.0, 0.0]), (2, [0.2, -1.0, 0.8]), (0, [0.0, 0.0, 0.0])]}
+TWO_PROCESS_LENGTHS = ([5, 2, 5], [3, 8, 1], [4, 4, 6])
+TWO_PROCESS_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _skipping_worker(rank: int, port: int, model_dir: str, data_file: str, queue) -> None:
+    """One DDP process: the trainer's `update` with and without skipping, for every loss type."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from test_group_sharing import make_group
+    from test_loss_normalisation import _GradientRecorder
+
+    from echoink.config import TrainConfig
+    from echoink.data import load_dataset
+    from echoink.grpo.distributed import make_accelerator
+    from echoink.grpo.logprobs import Policy
+    from echoink.grpo.loss import GRPOLoss
+    from echoink.grpo.step import StepContext, update
+    from echoink.grpo.types import CollectedBatch, ScoredGroup
+    from echoink.model import load_thinker
+    from echoink.model.inputs import encode_prompt
+
+    records = load_dataset(data_file)[:3]
+    results = {}
+    accelerator = None
+    for loss_type in TWO_PROCESS_LOSS_TYPES:
+        config = TrainConfig(num_generations=3, max_completion_length=8, loss_type=loss_type, beta=0.0,
+                             max_grad_norm=0.0, gradient_accumulation_steps=3)
+        accelerator = accelerator or make_accelerator(config)
+        assert accelerator.num_processes == 2
+        for skipping in (False, True):
+            thinker, processor = load_thinker(model_dir)  # fresh weights and a fresh DDP wrapper per run
+            tokenizer = processor.tokenizer
+            groups = [make_group(encode_prompt(r, processor), lengths, tokenizer, seed=i + 1)
+                      for i, (r, lengths) in enumerate(zip(records, TWO_PROCESS_LENGTHS))]
+            # global counts: every group instance of both processes (6 groups x 3 completions)
+            tokens = sum(int(groups[i].completion_mask.sum()) for layout in TWO_PROCESS_LAYOUT.values()
+                         for i, _ in layout)
+            counts = StepCounts(18, tokens, 2, micro_batches=3)
+            micro_batches = tuple(
+                (ScoredGroup(group=groups[i], record=records[i], rewards=torch.zeros(3, 1),
+                             advantages=torch.tensor(a), trained=not skipping or any(a)),)
+                for i, a in TWO_PROCESS_LAYOUT[rank])
+            policy = Policy(thinker)
+            optimizer = _GradientRecorder([p for p in policy.parameters() if p.requires_grad])
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            policy, wrapped_optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+            context = StepContext(config, accelerator, policy, thinker, None, None, wrapped_optimizer, scheduler,
+                                  None, None, GRPOLoss.from_config(config), None, None, None, torch.float32)
+            update(context, CollectedBatch(micro_batches=micro_batches, counts=counts, stats={}))
+            gradient = torch.cat([g.flatten() for g in optimizer.seen[0]])
+            results[(loss_type, skipping)] = gradient.tolist()  # plain lists: no shared memory
+            accelerator.free_memory()
+    queue.put((rank, results))
+    dist.barrier()  # the process group is left to the process's exit (gloo's teardown can abort on a race)
+
+
+def test_skipping_gives_the_same_gradient_in_two_processes(tiny_model_dir, mixed_dataset):
+    """Real DDP over 2 gloo processes, the trainer's `update`: a rank whose micro-batch is all zero-advantage
+    runs a zero-weight forward, a micro-batch zero everywhere is not run, and the averaged gradient equals
+    the one without skipping for every loss type."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    data_file = str(mixed_dataset / "train" / "omni_rl_format_train.json")
+    processes = [context.Process(target=_skipping_worker, args=(rank, port, str(tiny_model_dir), data_file, queue))
+                 for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    by_rank = dict(queue.get(timeout=600) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    for loss_type in TWO_PROCESS_LOSS_TYPES:
+        full = torch.tensor(by_rank[0][(loss_type, False)])
+        skipped = torch.tensor(by_rank[0][(loss_type, True)])
+        assert by_rank[0][(loss_type, True)] == by_rank[1][(loss_type, True)]  # DDP averaged alike
+        assert float(full.norm()) > 0
+        assert float((skipped - full).norm()) <= 1e-6 * float(full.norm()), (loss_type, float((skipped - full).norm()))

@@ -135,6 +135,11 @@ def test_step_metrics_per_type_all_equal_and_binary_only_outcomes(records):
     assert metrics["accuracy_by_type/counting"] == pytest.approx(0.25)  # the bare "3" has no answer block
     assert metrics["reward_by_type/counting"] == pytest.approx((2 + 1 + 1 + 0) / 4)  # accuracy + format
     assert metrics["accuracy_by_type/temporal_retrieval"] == pytest.approx((1 + 1 / 3 + 0.5) / 4)
+    assert metrics["unparsed_by_type/multiple_choice"] == 0.0
+    assert metrics["unparsed_by_type/counting"] == pytest.approx(1 / 4)  # the bare "3": no answer block
+    spans = _scored(rewards, records[2], [_answer("[1, 3]"), _answer("soon"), _answer("[3, 1]"), _answer("[0, 1]")],
+                    [3] * 4)
+    assert step_metrics([spans], rewards, 4)["unparsed_by_type/temporal_retrieval"] == pytest.approx(2 / 4)
     graded_only = step_metrics([temporal], rewards, 4)
     assert "all_correct" not in graded_only and "all_wrong" not in graded_only and graded_only["all_equal"] == 0.0
 

@@ -2,7 +2,9 @@
 `RunLog` averages them over ranks, weighted by `num_groups`).
 
 Per problem type T present in the step (spaces in T become "_"): ``reward_by_type/T`` (mean weighted
-total reward of T's completions) and ``accuracy_by_type/T`` (mean of the accuracy column). ``all_equal``:
+total reward of T's completions), ``accuracy_by_type/T`` (mean of the accuracy column) and
+``unparsed_by_type/T`` (share of T's completions whose answer block is missing or does not parse for T:
+they score 0, `rewards.score_answer`'s rule, the one evaluation uses for ``pred``). ``all_equal``:
 share of groups whose totals are all equal (max == min: no signal), for every type. ``all_correct`` /
 ``all_wrong`` (accuracy 1 / 0 for the whole group) count binary types' groups only (multiple choice,
 numerical, counting, binary user types) and are left out of a step without such groups: a graded
@@ -16,6 +18,7 @@ from echoink.grpo.advantages import group_reward_stats
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.types import ScoredGroup
 from echoink.problem_types import PROBLEM_TYPES
+from echoink.rewards import score_answer
 
 
 def step_metrics(groups: list[ScoredGroup], rewards: RewardSet, num_generations: int) -> dict:
@@ -53,4 +56,12 @@ def _group_outcomes(groups: list[ScoredGroup], table: torch.Tensor, totals: torc
         out[f"reward_by_type/{key}"] = grouped_totals[rows].mean().item()
         if has_accuracy:
             out[f"accuracy_by_type/{key}"] = accuracy[rows].mean().item()
+        out[f"unparsed_by_type/{key}"] = _unparsed_share([g for g, t in zip(groups, types) if t == kind])
     return out
+
+
+def _unparsed_share(groups: list[ScoredGroup]) -> float:
+    """Share of the groups' completions whose answer does not parse for their record's problem type."""
+    unparsed = [not score_answer(text, g.record.solution, g.record.problem_type, g.record.extra).parsed
+                for g in groups for text in g.group.texts]
+    return sum(unparsed) / max(1, len(unparsed))
