@@ -1,7 +1,7 @@
 """Mixed problem types, end to end: does each type's reward rise when one run trains on all of them?
 
-    python benchmarks/mixed_tasks.py --out /tmp/mixed                  # 24 GRPO steps on 2 CPU cores
-    python benchmarks/mixed_tasks.py --out /tmp/mixed --steps 60 --learning-rate 1e-4
+    python benchmarks/mixed_tasks.py --out /tmp/mixed                  # 300 GRPO steps, ~3 min on 2 CPU cores
+    python benchmarks/mixed_tasks.py --out /tmp/mixed --steps 60 --seed 1   # reuses the data and warmed model
 
 1. a synthetic set of 240 items mixing multiple choice (``audio_pitch``, options in fixed order),
    counting (``beep_count``) and temporal retrieval (``tone_span``, spans in a video's sound track);
@@ -15,6 +15,7 @@
 
 Everything is written under ``--out`` (data and the warmed model are reused when present; the run
 directory is replaced). docs/rewards.md gives the measured numbers (the defaults are that run's settings).
+Run it on an otherwise idle machine: two torch jobs sharing 2 cores slow each other down many times over.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ def summarize(metrics_path: Path) -> list[tuple[str, str, float, float]]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--prompts", type=int, default=6, help="prompts per step (per_device_train_batch_size)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--prompts", type=int, default=12, help="prompts per step (per_device_train_batch_size)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="GRPO seed (data and warm-up always use seed 0)")
     args = parser.parse_args(argv)
 
     from echoink.config import load_config
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
         f"model_path={out / 'warm'}", f"train_data={out / 'data/train/omni_rl_format_train.json'}",
         f"output_dir={out / 'run'}", "num_generations=8", f"per_device_train_batch_size={args.prompts}",
         "max_completion_length=32", "beta=0.0", f"learning_rate={args.learning_rate}", "lr_scheduler_type=constant",
-        "weight_decay=0.0", "max_grad_norm=1.0", f"max_steps={args.steps}", "seed=0",
+        "weight_decay=0.0", "max_grad_norm=1.0", f"max_steps={args.steps}", f"seed={args.seed}",
         f"torch_num_threads={args.threads}", "save_steps=0", "min_pixels=50176",
         # the tiny model does not read English: a short instruction, as in the demo (docs/demo.md)
         "prompt_template={instruction: 'Think, then answer.', suffix: ' Reply <think>...</think><answer>letter</answer>.',"

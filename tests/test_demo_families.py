@@ -31,8 +31,11 @@ def test_the_qwen3_omni_demo_runs_end_to_end_in_its_own_directories(tmp_path):
     assert not (out / "model_warm").exists() and not (out / "run").exists()  # the default family's are untouched
     family, _, _ = read_model_type(summary["final_model"])
     assert family.name == "qwen3-omni"
-    steps = [json.loads(line)["step"] for line in (out / "run-qwen3-omni" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2]
+    rows = [json.loads(line) for line in (out / "run-qwen3-omni" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    # the family's demo setting (a KL anchor for the tiny mixture of experts) reached the run
+    assert json.loads((out / "run-qwen3-omni" / "config.resolved.json").read_text())["beta"] == 0.04
+    assert all("kl" in row for row in rows)
     written = json.loads((out / "summary-qwen3-omni.json").read_text())
     assert written["family"] == "qwen3-omni" and written["steps"] == 2 and written["valid_items"] == 4
     assert 0.0 <= written["accuracy_before"] <= 1.0 and 0.0 <= written["accuracy_after"] <= 1.0

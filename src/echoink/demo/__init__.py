@@ -12,7 +12,8 @@ docs/demo.md): options in a fixed order, two very distinct single-modality famil
 batches. Nothing here says anything about Qwen2.5-Omni-7B's accuracy on AVQA.
 
 Families: `family` picks the tiny model's family (`echoink.model.families`); both families run the
-same demo config (docs/demo.md). A non-default family keeps its models, run and summary under its
+same demo config, plus the few settings in `FAMILY_SETTINGS` (Qwen3-Omni: a KL penalty, beta = 0.04;
+docs/demo.md says why). A non-default family keeps its models, run and summary under its
 own names (`model_warm-qwen3-omni`, `run-qwen3-omni`, `summary-qwen3-omni.json`), so demos of two
 families share the data but never each other's models.
 """
@@ -38,6 +39,12 @@ from echoink.prompts import PromptTemplate
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo_cpu.yaml"  # package data: works from a wheel
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
 WARMUP_STEPS = 100
+#: Settings a family's tiny demo needs on top of demo_cpu.yaml (the user's key=value overrides still win).
+#: Qwen3-Omni's tiny mixture of experts: once accuracy passed ~0.5, single updates moved the policy abruptly
+#: (gradient norms of 5-27 against ~0.3); in all 7 runs with beta = 0 the answer format then broke down
+#: within a few steps, and the KL anchor of beta = 0.04 brought the 2 runs with it back within ~10 steps
+#: (docs/demo.md, "The demo on Qwen3-Omni").
+FAMILY_SETTINGS: dict[str, list[str]] = {"qwen3-omni": ["beta=0.04"]}
 
 
 def family_suffix(family: str) -> str:
@@ -107,7 +114,7 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
                                        f"model_path={out_dir / f'model_warm{suffix}'}",
                                        f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
                                        f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
-                                       *(overrides or [])])
+                                       *FAMILY_SETTINGS.get(family, []), *(overrides or [])])
     if Path(config.output_dir) == out_dir / f"run{suffix}" and previous_run_entries(config.output_dir):
         config.overwrite_output_dir = True
         console.print(f"[bold]{config.output_dir}[/bold] holds a previous demo run: this run replaces it "
