@@ -164,14 +164,6 @@ TWO_PROCESS_LENGTHS = ([5, 2, 5], [3, 8, 1], [4, 4, 6])
 TWO_PROCESS_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _skipping_worker(rank: int, port: int, model_dir: str, data_file: str, queue) -> None:
     """One DDP process: the trainer's `update` with and without skipping, for every loss type."""
     import os
@@ -233,6 +225,7 @@ def test_skipping_gives_the_same_gradient_in_two_processes(tiny_model_dir, mixed
     runs a zero-weight forward, a micro-batch zero everywhere is not run, and the averaged gradient equals
     the one without skipping for every loss type."""
     import torch.multiprocessing as mp
+    from test_loss_normalisation import _free_port
 
     context = mp.get_context("spawn")
     queue = context.Queue()
