@@ -152,6 +152,19 @@ def test_prompt_kv_path_in_completion_chunks(tiny, groups, gradient_checkpointin
     assert_grads_close(grads, reference_grads)
 
 
+def test_prompt_kv_path_with_the_matmul_attention_kernel(tiny, groups, monkeypatch):
+    """The shared-prompt attention's kernel for devices without CPU flash attention, run here on CPU."""
+    import echoink.grpo.prompt_attention as prompt_attention
+
+    model, _ = tiny
+    with training_mode(model, gradient_checkpointing=False):
+        reference_logps, reference_grads = logps_and_grads(model, groups, "none")
+        monkeypatch.setattr(prompt_attention, "default_kernel", lambda device: "matmul")
+        logps, grads = logps_and_grads(model, groups, "full", "kv")
+    assert_logps_close(logps, reference_logps, groups)
+    assert_grads_close(grads, reference_grads)
+
+
 def assert_no_grad_paths_match_plain(model, groups):
     with torch.no_grad():
         reference = group_token_logps(model, groups, sharing="none")

@@ -13,6 +13,8 @@ instead of deep inside a training step.
                   GradientState._set_sync_gradients           accumulate without a DeepSpeed engine step
     deepspeed     DeepSpeedZeRoOffload._register_deepspeed_module, forward_hooks, backward_hooks
                                                               keep ZeRO-3 parameters gathered for a rollout
+    torch         aten._scaled_dot_product_flash_attention_for_cpu (+ _backward)
+                                                              CPU flash attention that returns its log-sum-exp
 """
 
 from __future__ import annotations
@@ -20,12 +22,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import accelerate
+import torch
 import transformers
 from accelerate.state import AcceleratorState, GradientState
 from transformers import PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-TESTED_WITH = {"transformers": "5.23", "accelerate": "1.15", "deepspeed": "0.19"}
+TESTED_WITH = {"transformers": "5.23", "accelerate": "1.15", "deepspeed": "0.19", "torch": "2.13"}
 
 
 class CompatibilityError(ImportError):
@@ -45,6 +48,18 @@ for _owner, _attribute in ((PretrainedConfig, "_attn_implementation"),
 for _owner, _attribute in ((AcceleratorState, "_reset_state"), (GradientState, "_reset_state"),
                            (GradientState, "_set_sync_gradients")):
     _require(_owner, _attribute, "accelerate", accelerate.__version__)
+for _attribute in ("_scaled_dot_product_flash_attention_for_cpu",
+                   "_scaled_dot_product_flash_attention_for_cpu_backward"):
+    _require(torch.ops.aten, _attribute, "torch", torch.__version__)
+
+
+# ---- torch -----------------------------------------------------------------------------------------------
+
+# (query, key, value, dropout_p, is_causal, *, scale) -> (out [B, H, T, d], logsumexp [B, H, T]); key/value
+# may have fewer heads than query (grouped-query attention)
+cpu_flash_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+# (grad_out, query, key, value, out, logsumexp, dropout_p, is_causal, *, scale) -> (d_query, d_key, d_value)
+cpu_flash_attention_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
 # ---- transformers ----------------------------------------------------------------------------------------

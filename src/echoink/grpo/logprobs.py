@@ -13,19 +13,21 @@ Three exact paths (`sharing`), equal within float rounding (tests compare them):
              G x (P + C) tokens.
 * "full"     the prompt runs once too (`prefix` picks how; "auto" = `full_sharing_path`):
              - "kv" (prompt K/V, the default everywhere it is exact): the prompt runs once, with
-               grad, and each layer's keys/values are handed out through a cache; the G
-               completions then run as a batch [G, C-1] whose attention sees [prompt K/V, own K/V]
-               (expanded G ways inside the layer, so the gradient of the prompt K/V is summed
-               over the group). P + G*(C-1) tokens; attention G*(C-1) x (P + C).
+               grad, and each layer's keys/values are recorded through a cache; the G
+               completions then run as a batch [G, C-1] whose attention (`prompt_attention`) sees
+               the one prompt K/V and their own, causally — never G copies of the prompt K/V; the
+               gradient of the prompt K/V is summed over the group. P + G*(C-1) tokens; attention
+               G*(C-1) x (P + C).
              - "packed": one sequence [prompt, c_1 .. c_G] with a block-causal mask (completion i
                sees the prompt and itself) and per-completion positions: P + sum(C_i - 1) tokens,
                no padding, but the dense [L, L] mask makes attention compute every masked block
                too (L = P + G*C), which grows as G^2 C^2.
              Why "kv" also under gradient checkpointing: transformers drops caches inside
              checkpointed layers, because a cache that appends would be appended to again when
-             backward replays the layer. Ours never append — the prompt pass records (a replay
-             overwrites with equal tensors) and the completion pass only reads — so we let them
-             through (`_can_checkpoint_with_cache` on the layers, for the duration of the call).
+             backward replays the layer. The prompt pass's recorder never appends (a replay
+             overwrites with equal tensors), so we let it through (`_can_checkpoint_with_cache`
+             on the layers, for the duration of the call); the completion pass takes the prompt
+             K/V as an argument, not a cache.
              The non-reentrant checkpoint differentiates the recorded K/V like any tensor of
              the graph; a reentrant one would not (it runs the layer under no_grad), so there
              "auto" falls back to "packed". Measured on the benchmark shape (P ~ 720, G = 16,
@@ -60,6 +62,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from echoink.choices import GROUP_SHARING
 from echoink.compat import attention_implementation_of, caches_allowed_under_checkpointing
+from echoink.grpo.prompt_attention import prompt_attention
 from echoink.grpo.types import Group
 from echoink.model.families import family_of_model
 from echoink.model.trainable import record_router_aux_loss, router_aux_loss_weight
@@ -216,20 +219,15 @@ def _hidden_prompt_kv(model, group: Group) -> torch.Tensor:
             return last_prompt_state
         completion_embeds = model.get_input_embeddings()(group.completion_ids[:, :-1])      # [G, C-1, H]
         positions = completion_positions(prompt_pos, c - 1)                                  # [3, 1, C-1]
-        # completion token t sees the whole prompt and its own tokens 0..t
-        allowed = torch.ones(c - 1, p + c - 1, dtype=torch.bool, device=completion_embeds.device)
-        allowed[:, p:] = allowed[:, p:].tril()
-        mask = _attention_mask(model, allowed, completion_embeds.dtype)
+        prompt_kv = [(layer.recorded_keys, layer.recorded_values) for layer in recorder.layers]  # [1, kvh, P, d]
         # Completions run in chunks of about COMPLETION_TOKENS_PER_CHUNK tokens: each chunk's attention
-        # scores [chunk, heads, C-1, P+C-1] are transient (and recomputed chunk by chunk under checkpointing).
+        # scores [chunk, heads, C-1, P+C-1] are transient (and recomputed chunk by chunk in backward).
         per_chunk = max(1, COMPLETION_TOKENS_PER_CHUNK // (c - 1))
         states = []
-        with masked_attention(language_model):
+        with prompt_attention(language_model):  # token t sees the whole prompt and its own tokens 0..t
             for chunk in completion_embeds.split(per_chunk):
-                prefix = Cache(layers=[_PrefixLayer(layer.recorded_keys, layer.recorded_values)
-                                       for layer in recorder.layers])
                 out = language_model(inputs_embeds=chunk, position_ids=positions.expand(3, chunk.shape[0], -1),
-                                     past_key_values=prefix, attention_mask=mask, use_cache=False)
+                                     use_cache=False, shared_prompt_kv=prompt_kv)
                 states.append(out.last_hidden_state)
     return torch.cat([last_prompt_state, torch.cat(states)], dim=1)
 
@@ -244,25 +242,6 @@ class _RecordLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.recorded_keys, self.recorded_values = key_states, value_states
         return key_states, value_states
-
-
-class _PrefixLayer(DynamicLayer):
-    """Completion pass: the prompt's keys/values [1, heads, P, d] in front of each completion's own.
-
-    Read-only (a pure function of its inputs), so a checkpointed layer may replay it in backward.
-    The prompt K/V are expanded to the G completions inside `update`; under checkpointing that
-    [G, heads, P + C, d] block exists one layer at a time and is not kept for backward.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        batch = key_states.shape[0]
-        return (torch.cat([self.keys.expand(batch, -1, -1, -1), key_states], dim=-2),
-                torch.cat([self.values.expand(batch, -1, -1, -1), value_states], dim=-2))
 
 
 def _checkpointing(model) -> bool:
