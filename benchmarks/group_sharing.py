@@ -38,6 +38,12 @@ high-water mark (`/proc/self/clear_refs` = 5); the phase's peak is VmHWM at its 
 process's true peak RSS during that phase (weights, libraries, allocator caches and all). "+act"
 is that peak minus the RSS just before the step. One process per configuration is needed because
 freed memory stays in the process. On CUDA the peaks are `torch.cuda.max_memory_allocated`.
+"live" is the peak of the bytes the process holds allocated, sampled after every torch op in an extra,
+untimed repeat of the step (glibc's `mallinfo2`: heap in use + mmapped blocks; on CUDA it is the same
+number as "peak"). RSS also counts what glibc keeps after a free (heap holes it does not return to the
+kernel): that part varies from run to run with the order of allocations — the same code measured
+1700 to 1980 MiB for the Qwen3-Omni full path at C = 256 — while "live" repeats to the MiB. "live" is
+what CUDA's peak measures, so it is the one that carries over to a GPU.
 Tokens: how many token positions the language model processes in the step (prefill + decode + the
 two log-prob passes), and how many times the encoders run.
 """
@@ -138,6 +144,47 @@ class Memory:
         return _status_kib("VmHWM") / 1024
 
 
+class LiveMemory:
+    """Peak of the bytes held allocated (CPU: glibc `mallinfo2`, heap in use + mmapped), sampled after every
+    torch op while the context is active. None where glibc's mallinfo2 is missing."""
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mallinfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+
+        try:
+            mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+        except (OSError, AttributeError):
+            self.available = False
+            return
+        mallinfo2.restype = _Mallinfo2
+        self.available, self.peak = True, 0.0
+        tracker = self
+
+        def held() -> float:
+            info = mallinfo2()
+            return (info.uordblks + info.hblkhd) / 2**20
+
+        class Sampler(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker.peak = max(tracker.peak, held())
+                return out
+
+        self._held, self._sampler = held, Sampler
+
+    def measure(self, fn):
+        """-> (fn(), peak MiB held while it ran)."""
+        self.peak = self._held()
+        with self._sampler():
+            out = fn()
+        return out, self.peak
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
@@ -177,7 +224,9 @@ def run_worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def one_step(g: int, c: int, seed: int) -> dict:
+    live = LiveMemory() if device.type == "cpu" else None
+
+    def one_step(g: int, c: int, seed: int, sample_live: bool = False) -> dict:
         times, cpu, peaks = {}, {}, {}
         generator = torch.Generator().manual_seed(seed)
         first_special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
@@ -188,6 +237,9 @@ def run_worker(args) -> dict:
 
         def phase(name, fn):
             memory.reset()
+            if sample_live:  # untimed: the sampling slows every op
+                _, peaks[name] = live.measure(fn)
+                return
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             out = fn()
@@ -221,15 +273,22 @@ def run_worker(args) -> dict:
         phase("rollout", rollout)
         phase("policy", policy)
         phase("reference", reference)
+        if sample_live:
+            return {"live": {**peaks, "step": max(peaks.values())}}
         times["step"], cpu["step"], peaks["step"] = sum(times.values()), sum(cpu.values()), max(peaks.values())
         return {"times": times, "cpu": cpu, "peaks": peaks, "rss_before": before}
 
     one_step(2, 8, seed=1)  # warm-up: kernels, allocator, lazy initialisation
+    measured = one_step(args.generations, args.completion_length, seed=100)
+    if live is not None and live.available:
+        measured.update(one_step(args.generations, args.completion_length, seed=100, sample_live=True))
+    elif device.type == "cuda":  # max_memory_allocated already counts live tensors only
+        measured["live"] = dict(measured["peaks"])
     return {
         "family": args.family, "path": args.path, "C": args.completion_length, "G": args.generations, "P": prompt.length,
         "gradient_checkpointing": args.gradient_checkpointing, "device": args.device, "dtype": args.dtype,
         "threads": torch.get_num_threads(),
-        **one_step(args.generations, args.completion_length, seed=100),
+        **measured,
         **step_tokens(args.path, prompt.length, args.generations, args.completion_length),
     }
 
@@ -264,6 +323,8 @@ def aggregate(runs: list[dict]) -> dict:
     for key in ("times", "cpu"):
         out[key] = {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
     out["peaks"] = {k: max(r["peaks"][k] for r in runs) for k in runs[0]["peaks"]}
+    if all("live" in r for r in runs):
+        out["live"] = {k: max(r["live"][k] for r in runs) for k in runs[0]["live"]}
     out["rss_before"] = statistics.median(r["rss_before"] for r in runs)
     out["rounds"] = len(runs)
     return out
@@ -280,7 +341,8 @@ def format_table(results: list[dict]) -> str:
     """Markdown table; ratios are against group_sharing none (the plain path) at the same C."""
     plain = {r["C"]: r for r in results if r["path"] == "none"}
     head = ("| C | path | rollout s | policy fwd+bwd s | reference s | step s | step × | rollout × | policy × | "
-            "step cpu s | cpu × | LM tokens | encoder runs | peak MiB | peak × | +act MiB | +act × |")
+            "step cpu s | cpu × | LM tokens | encoder runs | peak MiB | peak × | +act MiB | +act × | "
+            "live MiB | live × |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         base = plain.get(r["C"])
@@ -299,8 +361,13 @@ def format_table(results: list[dict]) -> str:
             f"{ratio(r['cpu']['step'], base['cpu']['step'] if base else 0)} | {r['lm_tokens']:,} | "
             f"{r['encoder_runs']} | "
             f"{pk['step']:.0f} | {ratio(pk['step'], base['peaks']['step'] if base else 0)} | {act:.0f} | "
-            f"{ratio(act, base_act or 0)} |")
+            f"{ratio(act, base_act or 0)} | {_live(r)} | "
+            f"{ratio(r['live']['step'], base['live']['step']) if 'live' in r and base and 'live' in base else '-'} |")
     return "\n".join(lines)
+
+
+def _live(result: dict) -> str:
+    return f"{result['live']['step']:.0f}" if "live" in result else "n/a"
 
 
 def main(argv=None) -> None:
@@ -346,7 +413,7 @@ def main(argv=None) -> None:
                 result = run_config(args, path, c)
                 runs.setdefault((c, path), []).append(result)
                 print(f"#   round {round_ + 1} C={c} {path}: step {result['times']['step']:.2f} s "
-                      f"(cpu {result['cpu']['step']:.2f} s), peak {result['peaks']['step']:.0f} MiB "
+                      f"(cpu {result['cpu']['step']:.2f} s), peak {result['peaks']['step']:.0f} MiB, live {_live(result)} MiB "
                       f"(P={result['P']}, threads={result['threads']}, load {loadavg()})", flush=True)
     results = [aggregate(runs[(c, path)]) for c in args.completion_lengths for path in paths]
     print()
