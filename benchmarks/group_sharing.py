@@ -146,9 +146,9 @@ class Memory:
 
 class LiveMemory:
     """Peak of the bytes held allocated (CPU: glibc `mallinfo2`, heap in use + mmapped), sampled after every
-    torch op while the context is active. None where glibc's mallinfo2 is missing."""
+    torch op while `measure` runs. `available` is False where glibc or its mallinfo2 is missing."""
 
-    def __init__(self) -> None:
+    def __init__(self, libc) -> None:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         class _Mallinfo2(ctypes.Structure):
@@ -156,9 +156,8 @@ class LiveMemory:
                         ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
                          "fordblks", "keepcost")]
 
-        try:
-            mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-        except (OSError, AttributeError):
+        mallinfo2 = getattr(libc, "mallinfo2", None)
+        if mallinfo2 is None:
             self.available = False
             return
         mallinfo2.restype = _Mallinfo2
@@ -224,7 +223,7 @@ def run_worker(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    live = LiveMemory() if device.type == "cpu" else None
+    live = LiveMemory(memory.libc) if device.type == "cpu" else None
 
     def one_step(g: int, c: int, seed: int, sample_live: bool = False) -> dict:
         times, cpu, peaks = {}, {}, {}

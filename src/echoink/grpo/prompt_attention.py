@@ -119,9 +119,8 @@ class _Matmul:
 
     @staticmethod
     def forward(query, prompt_keys, prompt_values, keys, values, scale):
-        b, h, t, d = query.shape
         pieces = [_matmul_forward(query[i:i + 1], prompt_keys, prompt_values, keys[i:i + 1], values[i:i + 1], scale)
-                  for i in range(b)]
+                  for i in range(query.shape[0])]
         out = torch.cat([piece for piece, _ in pieces])                                    # [B, T, H, d]
         return out.to(query.dtype), torch.cat([lse for _, lse in pieces], dim=1)            # lse [kvh, B, rep, T]
 
@@ -134,9 +133,8 @@ class _Matmul:
                                                          scale)
             d_query.append(d_q), d_keys.append(d_k), d_values.append(d_v)
             d_prompt_keys, d_prompt_values = d_prompt_keys + d_pk, d_prompt_values + d_pv
-        return (torch.cat(d_query).to(query.dtype), d_prompt_keys.to(prompt_keys.dtype),
-                d_prompt_values.to(prompt_values.dtype), torch.cat(d_keys).to(keys.dtype),
-                torch.cat(d_values).to(values.dtype))
+        # in the compute dtype: SharedPromptAttention.backward casts each to its input's dtype
+        return torch.cat(d_query), d_prompt_keys, d_prompt_values, torch.cat(d_keys), torch.cat(d_values)
 
 
 def _matmul_forward(query, prompt_keys, prompt_values, keys, values, scale):
