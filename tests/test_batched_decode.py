@@ -5,6 +5,7 @@ sampling equals `generate` seeded per prompt (also when rows finish at different
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from echoink.model.generation import SamplingSettings, forget_rope_deltas, media
 from echoink.model.inputs import encode_prompt
 
 DATA_TYPES = ("image_audio", "video_audio", "image", "audio", "text")
+DEVICE = os.environ.get("ECHOINK_TEST_DEVICE", "cpu")  # benchmarks/gpu_suite.sh runs these on cuda
 
 
 @pytest.fixture(scope="module", params=["qwen2.5-omni", "qwen3-omni"])
@@ -24,18 +26,18 @@ def family_setup(request, mixed_dataset):
     thinker_dir = request.getfixturevalue({"qwen2.5-omni": "tiny_model_dir", "qwen3-omni": "qwen3_model_dir"}
                                           [request.param])
     model, processor = load_thinker(thinker_dir, dtype="float32")
-    model.eval()
+    model.to(DEVICE).eval()
     tokenizer = processor.tokenizer
     records = load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")
     records += load_dataset(mixed_dataset / "valid" / "omni_rl_format_valid.json")
     chosen = [next(r for r in records if r.data_type == t) for t in DATA_TYPES]
     chosen += [r for r in records if r not in chosen][:3]
     assert {r.data_type for r in chosen} == set(DATA_TYPES)
-    prompts = [encode_prompt(r, processor) for r in chosen]
+    prompts = [encode_prompt(r, processor).to(DEVICE) for r in chosen]
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     special = SpecialTokens(eos_id, tokenizer.pad_token_id, tuple(media_token_ids(tokenizer)))
     stopping = copy.deepcopy(model)  # EOS made likely: rows end at different steps and are compacted out
-    bias = torch.zeros(stopping.lm_head.out_features)
+    bias = torch.zeros(stopping.lm_head.out_features, device=DEVICE)
     bias[eos_id] = 2.5
     stopping.lm_head.bias = torch.nn.Parameter(bias)
     return model, stopping, tokenizer, special, prompts

@@ -69,6 +69,10 @@ class TrainConfig:
     reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])
     reward_weights: list | None = None
     group_sharing: str = "full"  # none | encoders | full: compute each prompt once per group
+    # rollouts (group_sharing: full): prompts decoded in one loop (None: all of a round on this process), and the
+    # K/V positions one loop may hold (sum of prompt length + num_generations * max_completion_length; None: no limit)
+    rollout_batch_size: int | None = None
+    rollout_token_budget: int | None = None
     # groups whose rewards are all equal (zero advantage): skip their update (None: on when beta == 0), and
     # dynamic sampling (DAPO): draw up to max_sampling_rounds rounds until the batch holds informative groups
     skip_zero_advantage_groups: bool | None = None
@@ -162,6 +166,10 @@ class TrainConfig:
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
         check(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        check(self.rollout_batch_size is None or self.rollout_batch_size >= 1,
+              f"rollout_batch_size must be >= 1 or null (all of a round's prompts), got {self.rollout_batch_size}")
+        check(self.rollout_token_budget is None or self.rollout_token_budget >= 1,
+              f"rollout_token_budget must be >= 1 or null (no limit), got {self.rollout_token_budget}")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
