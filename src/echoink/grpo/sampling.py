@@ -39,12 +39,27 @@ def skips_zero_advantage_groups(config) -> bool:
     return bool(config.skip_zero_advantage_groups)
 
 
+@dataclass(frozen=True)
+class PromptRound:
+    """Prompts rolled out together, and each one's position in the step's plan (it seeds the prompt's random
+    stream, with the run seed and the step: the same prompt at the same position draws the same completions,
+    however the step is split into processes and decode loops).
+
+    Without dynamic sampling the position is the prompt's place in the step's global order,
+    (micro_batch * processes + rank) * per_device_batch + i; with it, round k of the step on rank r gives
+    (k * processes + r) * per_device_batch + i.
+    """
+
+    records: list
+    positions: list[int]
+
+
 @dataclass
 class StepPrompts:
-    """This rank's prompts for one step: one planned list per micro-batch, and more rounds on request.
+    """This rank's prompts for one step: one planned round per micro-batch, and more rounds on request.
 
-    Without dynamic sampling the planned lists come from `BatchPlan.step_indices` and `next_round` is never
-    called. With it, every list (planned or further) is a draw round and `rounds_used` counts them; the
+    Without dynamic sampling the planned rounds come from `BatchPlan.step_indices` and `next_round` is never
+    called. With it, every round (planned or further) is a draw round and `rounds_used` counts them; the
     trainer adds that to the saved data position.
     """
 
@@ -56,12 +71,19 @@ class StepPrompts:
     first_round: int = 0   # dynamic sampling: the data position (draw rounds consumed) at the step's start
     rounds_used: int = 0
 
-    def planned(self, micro_batch: int) -> list:
+    def planned(self, micro_batch: int) -> PromptRound:
         if not self.dynamic:
-            return [self.records[i] for i in self.plan.step_indices(self.step, self.rank)[micro_batch]]
+            indices = self.plan.step_indices(self.step, self.rank)[micro_batch]
+            return self._round(indices, micro_batch)
         return self.next_round()
 
-    def next_round(self) -> list:
+    def next_round(self) -> PromptRound:
         indices = self.plan.round_indices(self.first_round + self.rounds_used, self.rank)
         self.rounds_used += 1
-        return [self.records[i] for i in indices]
+        return self._round(indices, self.rounds_used - 1)
+
+    def _round(self, indices: list[int], slot: int) -> PromptRound:
+        """`slot`: the micro-batch (planned) or the step's draw round (dynamic) the indices fill on this rank."""
+        first = (slot * self.plan.num_processes + self.rank) * self.plan.per_device_batch
+        return PromptRound(records=[self.records[i] for i in indices],
+                           positions=[first + i for i in range(len(indices))])
