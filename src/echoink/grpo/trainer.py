@@ -144,7 +144,8 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
+                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
+                          steps_to_run=arithmetic["total_steps"] - start_step)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
