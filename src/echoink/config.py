@@ -29,6 +29,11 @@ from echoink.choices import (
 )
 
 
+#: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
+#: per_device_train_batch_size more prompts).
+MAX_SAMPLING_ROUNDS = 100
+
+
 class ConfigError(ValueError):
     """An unknown key or a bad value in a training config; raised before any work starts."""
 
@@ -184,7 +189,10 @@ class TrainConfig:
         check(self.group_sharing in GROUP_SHARING,
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
-        check(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
+              f"max_sampling_rounds must be between 1 and {MAX_SAMPLING_ROUNDS}, got {self.max_sampling_rounds} (each "
+              "round rolls out per_device_train_batch_size more prompts; a reward still uninformative after "
+              f"{MAX_SAMPLING_ROUNDS} rounds needs other rewards or data, not more rounds)")
         check(self.rollout_batch_size is None or self.rollout_batch_size >= 1,
               f"rollout_batch_size must be >= 1 or null (all of a round's prompts), got {self.rollout_batch_size}")
         check(self.rollout_token_budget is None or self.rollout_token_budget >= 1,
