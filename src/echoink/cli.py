@@ -79,7 +79,8 @@ def model_tiny(
 ) -> None:
     """Write a tiny random-initialised checkpoint of a model family + processor files, offline."""
     from echoink.io import NoSpaceLeftError
-    from echoink.model.families import family_by_name, write_tiny_checkpoint
+    from echoink.model.families import family_by_name
+    from echoink.model.tiny_families import write_tiny_checkpoint
 
     try:
         path = write_tiny_checkpoint(out, family=family, layout=layout, seed=seed, size=size)

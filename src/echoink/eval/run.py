@@ -1,4 +1,4 @@
-"""Batched, resumable evaluation: records -> model.generate -> predictions.jsonl (one line per answer).
+"""Batched, resumable evaluation: records -> the rollout engine -> predictions.jsonl (one line per answer).
 
     evaluate(model_dir, data.json, PRED.jsonl)          the CLI's `echoink eval`
     evaluate_loaded(model, processor, records, ...)     the same on a loaded model (the trainer's eval)
@@ -11,9 +11,9 @@ same predictions as batch size 1.
 
 Decoding. Greedy (default): one row per record, sample_idx 0. Sampling (`greedy=False`): `samples`
 rows per record, sample_idx 0..K-1, at `temperature`, `top_p`, `top_k` (None = no top-k). The
-`GenerationConfig` is built here from these arguments alone; the checkpoint's generation_config.json
-(Qwen's published sampling defaults) is ignored. Media tokens are never generated; `<|im_end|>` ends
-a reply.
+`GenerationConfig` is built from these arguments alone; the checkpoint's generation_config.json
+(Qwen's published sampling defaults) is ignored. Media tokens are never generated; the family's
+end-of-turn token ends a reply.
 
 Batches. `batch_size` counts prompts per generate call; with K samples each prompt is answered K
 times in that call (B x K sequences). The records are cut into fixed chunks of `batch_size` (after
@@ -30,7 +30,7 @@ Output (JSON Lines, one object per answer)::
      "prompt_version": "echoink-r1-v1", "ablate": "none"}
 
 `pred` is null when the reply cannot be parsed (it then counts as wrong); `reply_tokens` counts the
-generated tokens including the closing `<|im_end|>`; `needs` appears when the record has it.
+generated tokens including the closing end-of-turn token; `needs` appears when the record has it.
 
 Resume. The run's settings are written atomically to a sidecar `PRED.jsonl.run.json` before the
 first row (the predictions file holds rows only, so every JSONL reader can read it). Rows are
@@ -56,29 +56,21 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
 
 from echoink.config import TrainConfig
 from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import type_measure, wilson_interval
 from echoink.eval.protocols import protocol_settings, regrade_row
-from echoink.model.generation import (
-    SamplingSettings,
-    completion_mask,
-    forget_rope_deltas,
-    generation_owner,
-    media_token_ids,
-    own_generation_defaults,
-)
-from echoink.model.batching import collate_prompts, move_batch, split_by_audio_in_video
-from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
+from echoink.model.batching import embedding_device_dtype, move_prompt, split_by_audio_in_video
+from echoink.model.engine import TransformersGenerateEngine
+from echoink.model.generation import SamplingSettings, generation_owner
+from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
 from echoink.problem_types import register_problem_types
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from echoink.rewards import answer_letter, extract_answer, format_reward, score_answer
 
 __all__ = [
-    "EOS_TOKEN",
     "RUN_FORMAT",
     "RunSignatureError",
     "evaluate",
@@ -89,7 +81,6 @@ __all__ = [
     "training_evaluator",
 ]
 
-EOS_TOKEN = "<|im_end|>"
 RUN_FORMAT = "echoink-predictions-v1"
 #: Sidecar keys that are recorded but may differ when a run is resumed.
 UNCOMPARED_KEYS = ("batch_size", "limit")
@@ -125,7 +116,7 @@ def generate_predictions(
     """Yield the prediction rows of each batch, in record order (rows whose key is in `skip` left out).
 
     A key is `(str(problem_id), sample_idx)`. Chunks whose rows are all in `skip` are not generated.
-    The model is put in eval mode for the call and its training flag restored afterwards.
+    The engine runs the model in eval mode and restores its training flag afterwards.
     A prompt longer than `max_prompt_length` tokens (media placeholders included: training's rule) is not
     generated: its rows are written with an empty reply, `pred` null (wrong) and `skipped` saying why.
     `protocol` "echoink" grades the replies with EchoInk-R1's answer rule (`protocols.regrade_row`).
@@ -135,63 +126,41 @@ def generate_predictions(
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     _check_unique_ids(records)
-    tokenizer = processor.tokenizer
-    eos_id, pad_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.pad_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has no pad token (needed for left padding)")
-    config = decoding.generation_config(eos_id, pad_id, media_token_ids(tokenizer))
+    engine = TransformersGenerateEngine(model, processor.tokenizer, max_batch_prompts=batch_size)
     common = {"model": model_name, "decoding": decoding.as_dict(), "prompt_version": template.version,
               "ablate": ablate}
-    device, dtype = _model_device_dtype(model)
+    device, dtype = embedding_device_dtype(model)
 
-    with _eval_mode(model):
-        for chunk_index, start in enumerate(range(0, len(records), batch_size)):
-            chunk = list(records[start : start + batch_size])
-            wanted = [(r, s) for r in chunk for s in range(decoding.num_generations) if (str(r.problem_id), s) not in skip]
-            if not wanted:
-                continue
-            prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
-            replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
-            too_long = {i for i, p in enumerate(prompts) if max_prompt_length and p.length > max_prompt_length}
-            kept = [i for i in range(len(chunk)) if i not in too_long]
-            for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
-                members = [kept[i] for i in sub_members]
-                seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
-                texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id,
-                                  device, dtype, seed)
-                for position, i in enumerate(members):
-                    for s in range(decoding.num_generations):
-                        replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.num_generations + s]
-            lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
-            rows = []
-            for r, s in wanted:
-                if (str(r.problem_id), s) in replies:
-                    row = _row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common)
-                    rows.append(row if protocol == "ours" else regrade_row(row, protocol))
-                else:  # prompt too long: never generated, counted as wrong
-                    row = _row(r, s, "", 0, False, lenient=lenient, common=common)
-                    row["skipped"] = (f"prompt of {lengths[str(r.problem_id)]} tokens is longer than "
-                                      f"max_prompt_length {max_prompt_length}")
-                    rows.append(row if protocol == "ours" else {**row, "protocol": protocol})
-            yield rows
-
-
-@torch.no_grad()
-def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationConfig, eos_id: int, pad_id: int,
-              device, dtype, seed: int | None) -> list[tuple[str, int, bool]]:
-    """One generate call -> (reply text, reply tokens, truncated) per row (row b*K + k = prompt b, sample k)."""
-    batch = move_batch(collate_prompts(prompts, pad_id), device, dtype)
-    prompt_length = batch["input_ids"].shape[1]
-    rng = _seeded_rng(seed, device) if seed is not None else nullcontext()
-    with rng, own_generation_defaults(model):
-        sequences = model.generate(**batch, generation_config=config)
-    forget_rope_deltas(model)
-    completions = sequences[:, prompt_length:]                                   # [B*K, C]
-    mask, truncated = completion_mask(completions, eos_id)                       # [B*K, C], [B*K]
-    texts = tokenizer.batch_decode(completions.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
-    texts = [prompts[row * len(prompts) // len(texts)].generation_prefix + text for row, text in enumerate(texts)]
-    lengths = mask.sum(dim=1).tolist()
-    return [(text, int(n), bool(t)) for text, n, t in zip(texts, lengths, truncated.tolist())]
+    for chunk_index, start in enumerate(range(0, len(records), batch_size)):
+        chunk = list(records[start : start + batch_size])
+        wanted = [(r, s) for r in chunk for s in range(decoding.num_generations) if (str(r.problem_id), s) not in skip]
+        if not wanted:
+            continue
+        prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
+        replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
+        too_long = {i for i, p in enumerate(prompts) if max_prompt_length and p.length > max_prompt_length}
+        kept = [i for i in range(len(chunk)) if i not in too_long]
+        for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
+            members = [kept[i] for i in sub_members]
+            seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
+            with _seeded_rng(seed, device) if seed is not None else nullcontext():
+                groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in members], decoding)
+            for i, group in zip(members, groups):
+                for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
+                                                                  group.truncated.tolist())):
+                    replies[(str(chunk[i].problem_id), s)] = (text, int(length), bool(truncated))
+        lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
+        rows = []
+        for r, s in wanted:
+            if (str(r.problem_id), s) in replies:
+                row = _row(r, s, *replies[(str(r.problem_id), s)], lenient=lenient, common=common)
+                rows.append(row if protocol == "ours" else regrade_row(row, protocol))
+            else:  # prompt too long: never generated, counted as wrong
+                row = _row(r, s, "", 0, False, lenient=lenient, common=common)
+                row["skipped"] = (f"prompt of {lengths[str(r.problem_id)]} tokens is longer than "
+                                  f"max_prompt_length {max_prompt_length}")
+                rows.append(row if protocol == "ours" else {**row, "protocol": protocol})
+        yield rows
 
 
 def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncated: bool, *, lenient: bool,
@@ -314,7 +283,7 @@ def evaluate_loaded(
     model_name = model_name or _model_name(model)
     previous: list[Row] = []
     if out_path is not None:
-        _, dtype = _model_device_dtype(model)
+        _, dtype = embedding_device_dtype(model)
         signature = {
             "format": RUN_FORMAT, "model": model_name, "model_dtype": str(dtype).replace("torch.", ""),
             "data": data_name or (records[0].source if records else ""), "decoding": decoding.as_dict(),
@@ -368,7 +337,7 @@ def summarize_rows(rows: Sequence[Row]) -> dict[str, Any]:
 
     n (rows), n_problems, samples_per_problem, accuracy with its 95% Wilson interval (ci_low, ci_high;
     rows treated as independent), unparsed_rate (pred null), format_rate (format reward of the reply),
-    truncated_rate (no `<|im_end|>` within max_new_tokens), mean_reply_tokens and
+    truncated_rate (no end-of-turn token within max_new_tokens), mean_reply_tokens and
     accuracy_by_data_type {data_type: accuracy}, by_problem_type {type: its measure}. Rates are None when
     there are no rows.
     """
@@ -547,23 +516,6 @@ def _seeded_rng(seed: int, device):
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         yield
-
-
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
-    """Where the token embeddings live and their dtype (media tensors follow them; LoRA adapters may differ)."""
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    parameter = embeddings.weight if embeddings is not None else next(model.parameters())
-    return parameter.device, parameter.dtype
 
 
 def _model_name(model) -> str:
