@@ -161,7 +161,7 @@ def _run(out: Path, name: str, warm: Path, train_json: Path, valid_json: Path, s
          extra: list[str]) -> list[dict]:
     from echoink.config import load_config
     from echoink.demo import DEMO_CONFIG
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
     run_dir = out / "runs" / f"{name}-seed{seed}"

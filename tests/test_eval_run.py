@@ -25,7 +25,8 @@ from echoink.cli import app
 from echoink.data import load_dataset
 from echoink.data.media import load_audio, load_image
 from echoink.data.synth import write_synthetic_dataset
-from echoink.eval.run import RunSignatureError, evaluate, evaluate_loaded, run_file_path
+from echoink.eval.run import evaluate, evaluate_loaded
+from echoink.eval.run_files import RunSignatureError, run_file_path
 from echoink.model.families import family_of_model
 from echoink.model import load_thinker
 from echoink.model.batching import collate_prompts, split_by_audio_in_video

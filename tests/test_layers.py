@@ -253,3 +253,19 @@ def test_modules_inside_a_package_form_no_cycle():
 def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_analysis_reads_files_only():
+    """analysis/ loads neither torch nor transformers nor the model layer, not even through the eval modules it
+    reads (`eval.metrics`, `eval.run_files`): checked in a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    modules = sorted(_module_name(path) for path in (SRC / "echoink" / "analysis").rglob("*.py"))
+    script = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
+              + "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')"
+                " or m.startswith(('echoink.model', 'echoink.grpo')) or m in ('echoink.eval.run', 'echoink.eval.generation')))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert result.stdout.strip() == "[]", result.stdout[:500]

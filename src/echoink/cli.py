@@ -239,7 +239,7 @@ def train_command(
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
         return
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.step import NonFiniteError
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
@@ -336,7 +336,8 @@ def eval_command(
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
-    from echoink.eval.run import RunSignatureError, evaluate
+    from echoink.eval.run import evaluate
+    from echoink.eval.run_files import RunSignatureError
     from echoink.model import ModelLoadError
 
     _register_problem_types(problem_types)
