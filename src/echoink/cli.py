@@ -87,7 +87,8 @@ def model_tiny(
 ) -> None:
     """Write a tiny random-initialised checkpoint of a model family + processor files, offline."""
     from echoink.io import NoSpaceLeftError
-    from echoink.model.families import family_by_name, write_tiny_checkpoint
+    from echoink.model.families import family_by_name
+    from echoink.model.tiny_families import write_tiny_checkpoint
 
     try:
         path = write_tiny_checkpoint(out, family=family, layout=layout, seed=seed, size=size)
@@ -248,7 +249,7 @@ def train_command(
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
         return
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.step import NonFiniteError
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
@@ -367,7 +368,8 @@ def eval_command(
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
-    from echoink.eval.run import RunSignatureError, evaluate
+    from echoink.eval.run import evaluate
+    from echoink.eval.run_files import RunSignatureError
     from echoink.model import ModelLoadError
     from echoink.run_lock import LockedError
 

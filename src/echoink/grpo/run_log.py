@@ -16,7 +16,7 @@ from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from echoink.io import append_jsonl, truncate_jsonl_after
-from echoink.grpo.types import Group
+from echoink.model.engine import Group
 
 
 class RunLog:

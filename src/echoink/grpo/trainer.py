@@ -38,6 +38,7 @@ from echoink.grpo.scoring import RewardSet
 from echoink.grpo.step import StepContext, grpo_step
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
+from echoink.model.engine import rollout_engine
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
 from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
@@ -143,9 +144,10 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
-    context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
-                          steps_to_run=arithmetic["total_steps"] - start_step)
+    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step)
+    context = StepContext(config, accelerator, policy, thinker, engine, reference, peft_model, optimizer, scheduler,
+                          processor, rewards, GRPOLoss.from_config(config), sampling, media_options, template,
+                          model_dtype, steps_to_run=arithmetic["total_steps"] - start_step)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
@@ -153,6 +155,7 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
         prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
                               first_round=data_position)
         result = grpo_step(context, prompts)
+        engine.sync(thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
         data_position += prompts.rounds_used
         result.metrics["step_seconds"] = time.perf_counter() - t0
         result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
