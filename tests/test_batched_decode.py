@@ -1,5 +1,5 @@
-"""The batched shared-prefill decoder (model/engine/batched_decode.py), fp32, both families, all five data types:
-loops of 1, 3 and 8 prompts give token-identical groups; greedy decoding equals transformers' `generate`;
+"""The shared-prefill engine's batched decoder (model/engine/batched_decode.py), fp32, both families, all five data
+types: loops of 1, 3 and 8 prompts give token-identical groups; greedy decoding equals transformers' `generate`;
 sampling equals `generate` seeded per prompt (also when rows finish at different steps and are compacted out)."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 
 from echoink.data import load_dataset
 from echoink.model import load_thinker
-from echoink.model.engine.batched_decode import SpecialTokens, decode_groups, plan_loops, prompt_seed
-from echoink.model.generation import SamplingSettings, forget_rope_deltas, media_token_ids, own_generation_defaults
+from echoink.model.engine import SharedPrefillEngine, prompt_generators, prompt_seed
+from echoink.model.engine.batched_decode import SpecialTokens, plan_loops
+from echoink.model.families import family_of_model
+from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import encode_prompt
 
 DATA_TYPES = ("image_audio", "video_audio", "image", "audio", "text")
@@ -22,7 +24,7 @@ DEVICE = os.environ.get("ECHOINK_TEST_DEVICE", "cpu")  # benchmarks/gpu_suite.sh
 
 @pytest.fixture(scope="module", params=["qwen2.5-omni", "qwen3-omni"])
 def family_setup(request, mixed_dataset):
-    """(model, eos-biased copy, tokenizer, special tokens, 8 prompts covering every data type)."""
+    """(model, EOS-biased copy, tokenizer, special tokens, 8 prompts covering every data type)."""
     thinker_dir = request.getfixturevalue({"qwen2.5-omni": "tiny_model_dir", "qwen3-omni": "qwen3_model_dir"}
                                           [request.param])
     model, processor = load_thinker(thinker_dir, dtype="float32")
@@ -34,8 +36,9 @@ def family_setup(request, mixed_dataset):
     chosen += [r for r in records if r not in chosen][:3]
     assert {r.data_type for r in chosen} == set(DATA_TYPES)
     prompts = [encode_prompt(r, processor).to(DEVICE) for r in chosen]
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    special = SpecialTokens(eos_id, tokenizer.pad_token_id, tuple(media_token_ids(tokenizer)))
+    family = family_of_model(model)
+    eos_id = family.eos_id(tokenizer)
+    special = SpecialTokens(eos_id, tokenizer.pad_token_id, tuple(family.media_token_ids(tokenizer)))
     stopping = copy.deepcopy(model)  # EOS made likely: rows end at different steps and are compacted out
     bias = torch.zeros(stopping.lm_head.out_features, device=DEVICE)
     bias[eos_id] = 2.5
@@ -47,16 +50,15 @@ def _generate(model, prompt, sampling: SamplingSettings, special: SpecialTokens,
     """transformers' generate for one prompt under torch.manual_seed(seed) -> [G, C] ids, pad after EOS."""
     config = sampling.generation_config(special.eos_id, special.pad_id, list(special.suppress))
     torch.manual_seed(seed)
-    with torch.no_grad(), own_generation_defaults(model):
-        out = model.generate(**prompt.model_kwargs(), generation_config=config)[:, prompt.length:]
-    forget_rope_deltas(model)
-    return out
+    with torch.no_grad():
+        return family_of_model(model).generate(model, prompt.model_kwargs(), config)[:, prompt.length:]
 
 
-def _after_eos_padded(ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
-    is_eos = (ids == special.eos_id).int()
-    after = (is_eos.cumsum(dim=1) - is_eos) > 0
-    return ids.masked_fill(after, special.pad_id)
+def _decode(model, tokenizer, prompts, sampling, seeds, batch_size=None):
+    """-> ([G, C] ids per prompt, the engine's stats) through the shared-prefill engine, one stream per prompt."""
+    engine = SharedPrefillEngine(model, tokenizer, batch_size=batch_size)
+    groups = engine.generate(prompts, sampling, prompt_generators(seeds, DEVICE))
+    return [g.completion_ids for g in groups], engine.stats
 
 
 CASES = {  # (settings, EOS made likely, loop sizes compared)
@@ -69,13 +71,13 @@ CASES = {  # (settings, EOS made likely, loop sizes compared)
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_loop_size_changes_no_token_and_equals_generate(family_setup, case):
-    model, stopping_model, _, special, prompts = family_setup
+    model, stopping_model, tokenizer, special, prompts = family_setup
     sampling, stopping, sizes = CASES[case]
     model = stopping_model if stopping else model
     seeds = [prompt_seed(42, 3, position) for position in range(len(prompts))]
     by_size = {}
     for batch_size in sizes:
-        by_size[batch_size], stats = decode_groups(model, prompts, sampling, seeds, special, batch_size=batch_size)
+        by_size[batch_size], stats = _decode(model, tokenizer, prompts, sampling, seeds, batch_size)
         assert stats.loops == -(-len(prompts) // batch_size) and stats.prompts == len(prompts)
     for b, prompt in enumerate(prompts):
         assert all(torch.equal(by_size[8][b], by_size[size][b]) for size in sizes), b
@@ -89,21 +91,21 @@ def test_loop_size_changes_no_token_and_equals_generate(family_setup, case):
 def test_each_group_draws_from_its_own_stream(family_setup):
     """A prompt's completions depend on its own seed only: changing another prompt's seed or dropping it from
     the loop leaves them as they were; two seeds give different samples."""
-    model, _, _, special, prompts = family_setup
+    model, _, tokenizer, _, prompts = family_setup
     sampling = CASES["sampled"][0]
     seeds = [prompt_seed(1, 0, p) for p in range(4)]
-    base, _ = decode_groups(model, prompts[:4], sampling, seeds, special)
-    other, _ = decode_groups(model, prompts[:4], sampling, [seeds[0] + 1] + seeds[1:], special)
-    alone, _ = decode_groups(model, prompts[2:3], sampling, seeds[2:3], special)
+    base, _ = _decode(model, tokenizer, prompts[:4], sampling, seeds)
+    other, _ = _decode(model, tokenizer, prompts[:4], sampling, [seeds[0] + 1] + seeds[1:])
+    alone, _ = _decode(model, tokenizer, prompts[2:3], sampling, seeds[2:3])
     assert all(torch.equal(a, b) for a, b in zip(base[1:], other[1:]))
     assert not torch.equal(base[0], other[0])
     assert torch.equal(alone[0], base[2])
 
 
 def test_min_new_tokens_fixes_every_length(family_setup):
-    _, stopping_model, _, special, prompts = family_setup
+    _, stopping_model, tokenizer, special, prompts = family_setup
     sampling = SamplingSettings(num_generations=3, max_new_tokens=6, min_new_tokens=6)
-    ids, stats = decode_groups(stopping_model, prompts[:3], sampling, [5, 6, 7], special)
+    ids, stats = _decode(stopping_model, tokenizer, prompts[:3], sampling, [5, 6, 7])
     assert all(group.shape == (3, 6) and bool((group != special.pad_id).all()) for group in ids)
     assert stats.completion_tokens == 3 * 3 * 6 and stats.decode_steps == 5 and stats.rows_per_step == 9
 

@@ -72,11 +72,24 @@ def test_the_engines_keep_the_models_training_flag(setup):
 
 def test_refusals(setup):
     model, processor, prompts = setup
-    with pytest.raises(ValueError, match="per-prompt generators need the shared-prefill engine"):
-        TransformersGenerateEngine(model, processor.tokenizer).generate(prompts[:1], SAMPLING, _seeded(1))
     with pytest.raises(ValueError, match="2 generators for 1 prompts"):
         SharedPrefillEngine(model, processor.tokenizer).generate(prompts[:1], SAMPLING, _seeded(1, 2))
     with pytest.raises(ValueError, match="group_sharing must be one of"):
         rollout_engine(model, processor.tokenizer, "prefill")
+    with pytest.raises(ValueError, match="rollout_batch_size must be >= 1"):
+        SharedPrefillEngine(model, processor.tokenizer, batch_size=0)
     with pytest.raises(ValueError, match="max_batch_prompts must be >= 1"):
         TransformersGenerateEngine(model, processor.tokenizer, max_batch_prompts=0)
+
+
+def test_both_engines_draw_the_same_tokens_from_per_prompt_generators(setup):
+    """The transformers-generate engine honours per-prompt generators (one prompt per call, the global generator
+    set to the prompt's): its samples equal the shared-prefill engine's, and the global state is left as it was."""
+    model, processor, prompts = setup
+    global_state = torch.get_rng_state()
+    shared = SharedPrefillEngine(model, processor.tokenizer).generate(prompts, SAMPLING, _seeded(3, 4, 5))
+    plain = TransformersGenerateEngine(model, processor.tokenizer, max_batch_prompts=3).generate(
+        prompts, SAMPLING, _seeded(3, 4, 5))
+    assert torch.equal(torch.get_rng_state(), global_state)
+    for one, other in zip(shared, plain):
+        assert torch.equal(one.completion_ids, other.completion_ids)

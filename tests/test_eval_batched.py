@@ -9,7 +9,8 @@ import json
 import pytest
 
 from echoink.data import load_dataset
-from echoink.eval.run import RunSignatureError, evaluate_loaded
+from echoink.eval.run import evaluate_loaded
+from echoink.eval.run_files import RunSignatureError
 from echoink.model import load_thinker
 
 MAX_NEW = 6

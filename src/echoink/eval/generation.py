@@ -2,9 +2,10 @@
 
     generate_predictions(model, processor, records, decoding=..., batch_size=...) -> yields a list of rows per batch
 
-Prompts come from `model.inputs.encode_prompt` (the same prompt as training); completions from the
-transformers-generate engine (`model.engine`, left-padded batches: greedy decoding gives the same
-predictions as batch size 1); rows from `eval.grading`.
+Prompts come from `model.inputs.encode_prompt` (the same prompt as training); completions from the rollout
+engine training uses (`model.engine.evaluation_engine`: the shared-prefill engine, every prompt of a batch in
+one decode loop; transformers' generate for a model whose family has no exact shared path); rows from
+`eval.grading`.
 
 Decoding. Greedy (default): one row per record, sample_idx 0. Sampling (`greedy=False`): `samples`
 rows per record, sample_idx 0..K-1, at `temperature`, `top_p`, `top_k` (None = no top-k). The
@@ -12,26 +13,21 @@ rows per record, sample_idx 0..K-1, at `temperature`, `top_p`, `top_k` (None = n
 (Qwen's published sampling defaults) is ignored. Media tokens are never generated; the family's
 end-of-turn token ends a reply.
 
-Batches. `batch_size` counts prompts per generate call; with K samples each prompt is answered K
-times in that call (B x K sequences). The records are cut into fixed chunks of `batch_size` (after
-`limit`); a chunk is split further when it mixes `use_audio_in_video` prompts with others. When
-sampling, the random generator is re-seeded from (seed, chunk, sub-batch) before each call and the
-caller's RNG state is restored afterwards: the same seed and batch size give the same samples, with
-or without interruptions.
+Batches. `batch_size` counts prompts per engine call (one decode loop); with K samples each prompt is
+answered K times in that loop (B x K rows). The records are cut into fixed chunks of `batch_size` (after
+`limit`). Each prompt draws from its own generator, seeded by (seed, the record's position in the
+evaluated list): the same seed gives the same answers for every batch size, with or without
+interruptions, and the caller's global RNG state is never touched. Greedy decoding draws nothing.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, Sequence
-
-import numpy as np
-import torch
+from typing import Iterator, Sequence
 
 from echoink.data.records import Record
 from echoink.eval.grading import Row, prediction_row, skipped_row
-from echoink.model.batching import embedding_device_dtype, move_prompt, split_by_audio_in_video
-from echoink.model.engine import TransformersGenerateEngine
+from echoink.model.batching import embedding_device_dtype, move_prompt
+from echoink.model.engine import evaluation_engine, prompt_generators, prompt_seed
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
@@ -66,29 +62,26 @@ def generate_predictions(
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     _check_unique_ids(records)
-    engine = TransformersGenerateEngine(model, processor.tokenizer, max_batch_prompts=batch_size)
+    engine = evaluation_engine(model, processor.tokenizer)
     common = {"model": model_name, "decoding": decoding.as_dict(), "prompt_version": template.version,
               "ablate": ablate}
     device, dtype = embedding_device_dtype(model)
 
-    for chunk_index, start in enumerate(range(0, len(records), batch_size)):
+    for start in range(0, len(records), batch_size):
         chunk = list(records[start : start + batch_size])
         wanted = [(r, s) for r in chunk for s in range(decoding.num_generations) if (str(r.problem_id), s) not in skip]
         if not wanted:
             continue
         prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
         replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
-        too_long = {i for i, p in enumerate(prompts) if max_prompt_length and p.length > max_prompt_length}
-        kept = [i for i in range(len(chunk)) if i not in too_long]
-        for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
-            members = [kept[i] for i in sub_members]
-            seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
-            with _seeded_rng(seed, device) if seed is not None else nullcontext():
-                groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in members], decoding)
-            for i, group in zip(members, groups):
-                for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
-                                                                  group.truncated.tolist())):
-                    replies[(str(chunk[i].problem_id), s)] = (text, int(length), bool(truncated))
+        kept = [i for i, p in enumerate(prompts) if not (max_prompt_length and p.length > max_prompt_length)]
+        generators = None if decoding.greedy else prompt_generators(
+            [prompt_seed(decoding.seed, start + i) for i in kept], device)
+        groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in kept], decoding, generators)
+        for i, group in zip(kept, groups):
+            for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
+                                                              group.truncated.tolist())):
+                replies[(str(chunk[i].problem_id), s)] = (text, int(length), bool(truncated))
         lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
         rows = []
         for r, s in wanted:
@@ -110,17 +103,3 @@ def _check_unique_ids(records: Sequence[Record]) -> None:
             raise ValueError(f"{record.source}:{record.index}:problem_id: {record.problem_id!r} appears twice "
                              "(predictions are keyed by problem_id)")
         seen.add(key)
-
-
-def _batch_seed(seed: int, chunk_index: int, sub_index: int) -> int:
-    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run."""
-    return int(np.random.SeedSequence([seed, chunk_index, sub_index]).generate_state(2, dtype=np.uint64)[0] >> 1)
-
-
-@contextmanager
-def _seeded_rng(seed: int, device):
-    """Seed torch's generators for one call; restore the caller's RNG state afterwards."""
-    cuda = [device] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        yield

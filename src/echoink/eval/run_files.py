@@ -27,7 +27,10 @@ if TYPE_CHECKING:  # names for the annotations only: analysis reads this module 
     from echoink.model.inputs import MediaOptions
     from echoink.prompts import PromptTemplate
 
-RUN_FORMAT = "echoink-predictions-v1"
+#: v2: each prompt samples from its own random stream (seed, record position); v1 files sampled from one stream
+#: per generate call, so a sampled v1 file cannot be continued; a greedy one can (greedy draws nothing).
+RUN_FORMAT = "echoink-predictions-v2"
+GREEDY_COMPATIBLE_FORMATS = ("echoink-predictions-v1",)
 #: Sidecar keys that are recorded but may differ when a run is resumed.
 UNCOMPARED_KEYS = ("batch_size", "limit")
 _FINGERPRINT_BLOCKS, _FINGERPRINT_BLOCK_BYTES = 16, 65536
@@ -78,11 +81,17 @@ def open_run(out_path: Path, signature: dict[str, Any]) -> list[Row]:
     except json.JSONDecodeError as exc:
         raise RunSignatureError(f"{sidecar}: unreadable run signature ({exc.msg}); delete both files to start over") \
             from None
+    if (stored.get("format") in GREEDY_COMPATIBLE_FORMATS and (signature.get("decoding") or {}).get("greedy")
+            and stored.get("decoding") == signature.get("decoding")):
+        stored = {**stored, "format": signature["format"]}
     differences = [
         f"{key}: {_short(stored.get(key))} in the file, {_short(signature.get(key))} now"
         for key in sorted(set(stored) | set(signature))
         if key not in UNCOMPARED_KEYS and stored.get(key) != signature.get(key)
     ]
+    if stored.get("format") in GREEDY_COMPATIBLE_FORMATS:
+        differences.append("its samples were drawn before per-prompt random streams (echoink-predictions-v1): a "
+                           "sampled run cannot be continued with the same samples")
     if differences:
         raise RunSignatureError(f"{out_path}: was written with other settings ({'; '.join(differences)}); "
                                 "refusing to mix runs — use another output path or delete it and its .run.json")

@@ -41,12 +41,12 @@ from echoink.grpo.distributed import (
 )
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
-from echoink.grpo.sampling import GroupSelection, StepPrompts, informative, skips_zero_advantage_groups
+from echoink.grpo.sampling import PromptRound, GroupSelection, StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step_metrics import step_metrics
 from echoink.grpo.types import CollectedBatch, ScoredGroup
-from echoink.model.engine import Group, RolloutEngine
+from echoink.model.engine import Group, RolloutEngine, prompt_generators, prompt_seed
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions, encode_prompt
 from echoink.model.trainable import router_aux_loss_metrics
@@ -122,6 +122,7 @@ class _Draw:
     rounds: int
     rolled_out: int
     surplus: int
+    tokens: int  # completion tokens of every group rolled out (surplus included), EOS included
 
 
 def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
@@ -152,7 +153,9 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
              "rollout_groups": float(rolled_out),
              "surplus_groups": float(sum(draw.surplus for draw in draws)),
              "rollouts_per_informative_group": rolled_out / informative_groups if informative_groups else float("nan"),
-             "rollout_seconds": rollout_seconds, "logprob_seconds": time.perf_counter() - t}
+             "rollout_seconds": rollout_seconds, "logprob_seconds": time.perf_counter() - t,
+             "rollout_tokens_per_second": (sum(draw.tokens for draw in draws) / rollout_seconds
+                                           if rollout_seconds > 0 else 0.0)}
     return CollectedBatch(micro_batches=tuple(tuple(batch) for batch in scored), counts=counts, stats=stats)
 
 
@@ -161,16 +164,17 @@ def _draw_micro_batch(context: StepContext, prompts: StepPrompts, index: int) ->
     process holds `per_device_train_batch_size` informative groups (or `max_sampling_rounds` is reached),
     keeping only what the batch can still use (`GroupSelection`)."""
     config, accelerator = context.config, context.accelerator
-    kept, skipped = _rollouts(context, prompts.planned(index).records)
-    rounds, rolled_out = 1, len(kept)
+    kept, skipped = _rollouts(context, prompts.planned(index), prompts.step)
+    rounds, rolled_out, tokens = 1, len(kept), _completion_tokens(kept)
     if not config.dynamic_sampling:
-        return _Draw(kept, skipped, rounds, rolled_out, surplus=0)
+        return _Draw(kept, skipped, rounds, rolled_out, surplus=0, tokens=tokens)
     selection = GroupSelection(config.per_device_train_batch_size, context.rewards.weights)
     selection.add(kept)
     while rounds < config.max_sampling_rounds and _any_process(accelerator, not selection.enough):
-        more, more_skipped = _rollouts(context, prompts.next_round().records)
+        more, more_skipped = _rollouts(context, prompts.next_round(), prompts.step)
         selection.add(more)
         skipped, rounds, rolled_out = skipped + more_skipped, rounds + 1, rolled_out + len(more)
+        tokens += _completion_tokens(more)
         if rounds % SAMPLING_REPORT_ROUNDS == 0:  # the same rounds on every process: the sum is collective
             informative_groups, groups = sum_over_processes(accelerator, [selection.informative_seen, selection.seen])
             if accelerator.is_main_process:
@@ -178,17 +182,23 @@ def _draw_micro_batch(context: StepContext, prompts: StepPrompts, index: int) ->
                       f"(max_sampling_rounds={config.max_sampling_rounds}), {int(informative_groups)} of "
                       f"{int(groups)} groups informative ({100 * informative_groups / max(groups, 1):.1f}%)",
                       file=sys.stderr, flush=True)
-    return _Draw(selection.chosen(), skipped, rounds, rolled_out, surplus=selection.surplus)
+    return _Draw(selection.chosen(), skipped, rounds, rolled_out, surplus=selection.surplus, tokens=tokens)
 
 
-def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
+def _completion_tokens(rolled: list[tuple]) -> int:
+    return sum(int(group.completion_lengths.sum()) for _, group, _ in rolled)
+
+
+def _rollouts(context: StepContext, round_: PromptRound, step: int) -> tuple[list[tuple], int]:
     """-> [(record, Group, rewards [G, R])] and the number of prompts skipped for exceeding max_prompt_length.
 
-    Every prompt of the round goes to the rollout engine in one call (it may decode them together)."""
+    Every prompt of the round goes to the rollout engine in one call (the shared-prefill engine decodes them in
+    one loop, or `rollout_batch_size` at a time). Each prompt draws from its own generator, seeded by (seed, step,
+    its position in the step's plan): its completions depend on nothing else."""
     accelerator, processor = context.accelerator, context.processor
     context.thinker.eval()  # the no-grad passes that follow (old / reference log-probs) run in eval mode too
-    kept, prompts, skipped = [], [], 0
-    for record in records:
+    kept, prompts, seeds, skipped = [], [], [], 0
+    for record, position in zip(round_.records, round_.positions):
         # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
         try:
             prompt = encode_prompt(record, processor, context.media_options, context.template)
@@ -201,8 +211,10 @@ def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
             continue
         kept.append(record)
         prompts.append(prompt)
+        seeds.append(prompt_seed(context.config.seed, step, position))
+    generators = prompt_generators(seeds, accelerator.device)
     with gathered_for_generation(accelerator, context.policy), _autocast(accelerator):
-        groups = context.engine.generate(prompts, context.sampling)
+        groups = context.engine.generate(prompts, context.sampling, generators)
     return [(record, group, score_group(context.rewards, group, record)) for record, group in zip(kept, groups)], skipped
 
 

@@ -144,7 +144,8 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
-    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step)
+    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step,
+                            batch_size=config.rollout_batch_size, token_budget=config.rollout_token_budget)
     context = StepContext(config, accelerator, policy, thinker, engine, reference, peft_model, optimizer, scheduler,
                           processor, rewards, GRPOLoss.from_config(config), sampling, media_options, template,
                           model_dtype, steps_to_run=arithmetic["total_steps"] - start_step)

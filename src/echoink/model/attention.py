@@ -5,8 +5,8 @@
     masked_attention(decoder)                 explicit 4-D masks: GQA-native sdpa on CPU (`GQA_SDPA`), else as is
     prompt_attention(decoder)                 TRAINING: a batch of completions attends to ONE shared prompt K/V
                                               and causally to its own K/V, with gradient (`SharedPromptAttention`)
-    shared_prefix_attention(decoder)          DECODING: G continuations of one prompt, one new token each, attend
-                                              to the prompt K/V kept once (`SharedPrefixCache`)
+    batched_prefix_attention(decoder)         DECODING: the rows of many groups, one new token each; each group's
+                                              rows attend to its prompt K/V, kept once (`BatchedPrefixCache`)
     require_full_attention(decoder)           the shared paths build their own masks: no sliding windows
 
 `decoder` is the family's language model (`OmniFamily.decoder(model)`); only the model layer holds it.
@@ -43,6 +43,7 @@ then takes `shared_prompt_kv=[(K_prompt, V_prompt) per layer]` and no cache.
 from __future__ import annotations
 
 import functools
+import itertools
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -325,78 +326,109 @@ def prompt_attention(decoder):
     return attention_implementation(decoder, SHARED_PROMPT_ATTENTION)
 
 
-# ---- decoding G continuations of one prompt without copying its K/V G times ------------------------------
+# ---- decoding: many groups in one loop, each prompt's K/V kept once --------------------------------------------
 #
-# `generate` keeps G copies of the prompt's keys/values and, every step, concatenates each layer's
-# whole cache again and attends each completion to its own copy. Here the prompt K/V are kept once
-# ([kv_heads, P, d]); each step the G x heads queries attend to them in one matmul, and to the
-# completions' own K/V (a preallocated [kv_heads, G, C, d] buffer), with one softmax over both —
-# the same attention, without the G copies and the per-step re-concatenation.
+# `generate` keeps G copies of a prompt's keys/values and, every step, concatenates each layer's whole cache
+# again. Here each prompt's K/V is kept once ([kv_heads, P_b, d]) and the running rows' own K/V sit in one
+# preallocated buffer [kv_heads, rows, capacity, d]; each step, the rows of group b attend to group b's prompt
+# K/V (one matmul per group, no padding across groups) and to their own K/V (one batched matmul for all rows),
+# with one softmax over both. A finished row leaves: an in-place index-select of the rows that remain.
+# `model/engine/batched_decode.py` runs the loop.
 
-SHARED_PREFIX_ATTENTION = "echoink_shared_prefix"
+BATCHED_PREFIX_ATTENTION = "echoink_batched_prefix"
 
 
-class _SharedPrefixLayer(DynamicLayer):
-    """One layer's prompt K/V (once) + the completions' own K/V (written in place, never re-concatenated).
+class _BatchedPrefixLayer(DynamicLayer):
+    """One layer: each group's prompt K/V [kv_heads, P_b, d] and the running rows' own K/V, written in place
+    into [kv_heads, rows, capacity, d] (head-major, so that attention needs no transposes)."""
 
-    Layouts: prompt [kv_heads, P, d]; own [kv_heads, G, capacity, d] (head-major, so that the
-    attention below needs no transposes).
-    """
-
-    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, batch: int, capacity: int) -> None:
+    def __init__(self, prompt_keys: list[torch.Tensor], prompt_values: list[torch.Tensor], rows: int,
+                 capacity: int) -> None:
         super().__init__()
-        self.lazy_initialization(prompt_keys, prompt_values)
-        self.prompt_keys, self.prompt_values = prompt_keys[0], prompt_values[0]      # [kv_heads, P, d]
-        shape = (prompt_keys.shape[1], batch, capacity, prompt_keys.shape[3])
-        self.own_keys, self.own_values = prompt_keys.new_empty(shape), prompt_values.new_empty(shape)
-        self.length = 0
+        self.lazy_initialization(prompt_keys[0][None], prompt_values[0][None])
+        self.prompt_keys, self.prompt_values = prompt_keys, prompt_values
+        kv_heads, _, head_dim = prompt_keys[0].shape
+        shape = (kv_heads, rows, capacity, head_dim)
+        self.own_keys, self.own_values = prompt_keys[0].new_empty(shape), prompt_values[0].new_empty(shape)
+        self.rows, self.length = rows, 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """key/value_states [G, kv_heads, n, d] -> this layer's own K/V so far, [kv_heads, G, t, d]."""
+        """key/value_states [rows, kv_heads, 1, d] -> this layer's own K/V so far, [kv_heads, rows, t, d]."""
         end = self.length + key_states.shape[-2]
-        self.own_keys[:, :, self.length:end] = key_states.transpose(0, 1)
-        self.own_values[:, :, self.length:end] = value_states.transpose(0, 1)
+        self.own_keys[:, : self.rows, self.length:end] = key_states.transpose(0, 1)
+        self.own_values[:, : self.rows, self.length:end] = value_states.transpose(0, 1)
         self.length = end
-        return self.own_keys[:, :, :end], self.own_values[:, :, :end]
+        return self.own_keys[:, : self.rows, :end], self.own_values[:, : self.rows, :end]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Keep only the rows `keep` (ascending indices), moved to the front of the same buffers."""
+        n = int(keep.numel())
+        self.own_keys[:, :n, : self.length] = self.own_keys[:, keep, : self.length]
+        self.own_values[:, :n, : self.length] = self.own_values[:, keep, : self.length]
+        self.rows = n
 
     def get_seq_length(self) -> int:
-        return self.prompt_keys.shape[-2] + self.length
+        return self.length  # the mask is never built (the attention below needs none); positions are explicit
 
 
-class SharedPrefixCache(Cache):
-    """A prefilled cache of ONE prompt, decoded `batch` ways (use with `shared_prefix_attention`)."""
+class BatchedPrefixCache(Cache):
+    """A loop's cache: per-group prompt K/V, the running rows' own K/V, and which rows belong to which group.
 
-    def __init__(self, prefilled: Cache, batch: int, capacity: int) -> None:
-        super().__init__(layers=[_SharedPrefixLayer(layer.keys, layer.values, batch, capacity)
-                                 for layer in prefilled.layers])
-
-
-def _shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                                     shared_prefix: SharedPrefixCache | None = None, **kwargs):
-    """One new token per completion attends to [shared prompt K/V, its own K/V]: -> [G, 1, heads, d].
-
-    query [G, heads, 1, d]; key/value: the layer's own K/V [kv_heads, G, t, d] (from `update`).
-    Query head h uses K/V head h // rep, as in `repeat_kv`.
+    `slices`: (group index, first row, end row) of every group with running rows, rows grouped by group.
     """
-    if shared_prefix is None or query.shape[2] != 1:  # not a shared-prefix decode step: plain sdpa
+
+    def __init__(self, prompts_kv: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]], group_size: int,
+                 capacity: int) -> None:
+        """`prompts_kv`: per prompt, (keys, values) per layer, each [kv_heads, P_b, d]."""
+        layers = [_BatchedPrefixLayer([keys[i] for keys, _ in prompts_kv], [values[i] for _, values in prompts_kv],
+                                      len(prompts_kv) * group_size, capacity)
+                  for i in range(len(prompts_kv[0][0]))]
+        super().__init__(layers=layers)
+        self.slices = [(b, b * group_size, (b + 1) * group_size) for b in range(len(prompts_kv))]
+
+    def keep_rows(self, keep: torch.Tensor, groups: torch.Tensor) -> None:
+        """Keep rows `keep` [n] (ascending), whose groups are `groups` [n] (ascending too)."""
+        for layer in self.layers:
+            layer.keep_rows(keep)
+        ids, counts = torch.unique_consecutive(groups, return_counts=True)
+        counts = counts.tolist()
+        ends = list(itertools.accumulate(counts))
+        self.slices = [(b, end - count, end) for b, count, end in zip(ids.tolist(), counts, ends)]
+
+
+def _batched_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                      batched_prefix: BatchedPrefixCache | None = None, **kwargs):
+    """One new token per running row attends to [its group's prompt K/V, its own K/V]: -> [rows, 1, heads, d].
+
+    query [rows, heads, 1, d]; key/value: the layer's own K/V [kv_heads, rows, t, d] (from `update`).
+    Query head h uses K/V head h // rep, as in `repeat_kv`. The arithmetic of a group's rows is the same
+    whatever other groups share the loop.
+    """
+    if batched_prefix is None or query.shape[2] != 1:  # not a batched decode step: plain sdpa
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    layer = shared_prefix.layers[module.layer_idx]
-    g, heads, _, d = query.shape
-    kv_heads, p = layer.prompt_keys.shape[0], layer.prompt_keys.shape[1]
-    q = (query * scaling).view(g, kv_heads, heads // kv_heads, d).transpose(0, 1)       # [kvh, G, rep, d]
-    prompt_scores = torch.matmul(q.reshape(kv_heads, -1, d), layer.prompt_keys.transpose(1, 2))  # [kvh, G*rep, P]
-    own_scores = torch.matmul(q, key.transpose(2, 3))                                   # [kvh, G, rep, t]
-    scores = torch.cat([prompt_scores.view(kv_heads, g, -1, p), own_scores], dim=-1)    # [kvh, G, rep, P + t]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(probs[..., :p].reshape(kv_heads, -1, p), layer.prompt_values)   # [kvh, G*rep, d]
-    out = out.view(kv_heads, g, -1, d) + torch.matmul(probs[..., p:], value)            # [kvh, G, rep, d]
-    return out.transpose(0, 1).reshape(g, 1, heads, d), None
+    layer = batched_prefix.layers[module.layer_idx]
+    rows, heads, _, d = query.shape
+    kv_heads = key.shape[0]
+    rep = heads // kv_heads
+    q = (query * scaling).view(rows, kv_heads, rep, d).transpose(0, 1)                   # [kvh, rows, rep, d]
+    own_scores = torch.matmul(q, key.transpose(2, 3))                                   # [kvh, rows, rep, t]
+    outputs = []
+    for group, start, end in batched_prefix.slices:
+        prompt_keys, prompt_values = layer.prompt_keys[group], layer.prompt_values[group]  # [kvh, P_b, d]
+        n, p = end - start, prompt_keys.shape[1]
+        prompt_scores = torch.matmul(q[:, start:end].reshape(kv_heads, n * rep, d), prompt_keys.transpose(1, 2))
+        scores = torch.cat([prompt_scores.view(kv_heads, n, rep, p), own_scores[:, start:end]], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)       # [kvh, n, rep, P_b + t]
+        out = torch.matmul(probs[..., :p].reshape(kv_heads, n * rep, p), prompt_values)  # [kvh, n*rep, d]
+        outputs.append(out.view(kv_heads, n, rep, d) + torch.matmul(probs[..., p:], value[:, start:end]))
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)                # [kvh, rows, rep, d]
+    return out.transpose(0, 1).reshape(rows, 1, heads, d), None
 
 
-AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention_forward)
+AttentionInterface.register(BATCHED_PREFIX_ATTENTION, _batched_prefix_attention_forward)
 
 
-def shared_prefix_attention(decoder):
-    """Route the language model's attention through `_shared_prefix_attention_forward` for a while."""
-    return attention_implementation(decoder, SHARED_PREFIX_ATTENTION)
+def batched_prefix_attention(decoder):
+    """Route the decoder's attention through `_batched_prefix_attention_forward` for a while."""
+    return attention_implementation(decoder, BATCHED_PREFIX_ATTENTION)
