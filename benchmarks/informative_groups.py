@@ -6,8 +6,8 @@ Two parts (results and commands in docs/performance.md):
                      chosen groups), skipping on vs off, on the group-sharing benchmark's model shape
                      (P ~ 720, G = 16, C = 128, bench spec, fp32, group_sharing full). The policy and
                      reference phases run through the trainer's own `update` and old/reference pass; the
-                     rollout, identical with and without skipping, is timed once per group and added for the
-                     whole step. beta = 0.001 (EchoInk-R1's) with skipping forced on, so both phases exist
+                     rollout, identical with and without skipping, is timed once (the step's B groups in one
+                     decode loop of the shared-prefill engine) and added for the whole step. beta = 0.001 (EchoInk-R1's) with skipping forced on, so both phases exist
                      (the skipped groups' KL term is then dropped; with beta = 0 the gradient is identical).
 
   time-to-accuracy   from a strong start: a tiny model warmed up on two easy synthetic families, then trained
@@ -59,7 +59,7 @@ def step_cost(args) -> None:
     from echoink.grpo.loss import GRPOLoss, StepCounts
     from echoink.grpo.step import StepContext, _with_old_and_reference_logps, update
     from echoink.grpo.types import CollectedBatch, ScoredGroup
-    from echoink.model.engine import Group, SharedPrefillEngine
+    from echoink.model.engine import Group, SharedPrefillEngine, prompt_generators
     from echoink.model.generation import SamplingSettings, completion_mask
     from echoink.model.families.qwen2_5_omni import FAMILY as QWEN2_5_OMNI
     from echoink.model.tiny import SPECS, build_tiny_thinker
@@ -81,11 +81,11 @@ def step_cost(args) -> None:
                             truncated=truncated))
 
     model.eval()
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    SharedPrefillEngine(model, tokenizer).generate([prompt], SamplingSettings(num_generations=g, max_new_tokens=c,
-                                                                               min_new_tokens=c))
-    rollout_per_group = time.perf_counter() - t0
+    t0 = time.perf_counter()  # the step's B groups in one decode loop (the shared-prefill engine's default)
+    SharedPrefillEngine(model, tokenizer).generate([prompt] * b, SamplingSettings(num_generations=g, max_new_tokens=c,
+                                                                                   min_new_tokens=c),
+                                                   prompt_generators(range(b), "cpu"))
+    rollout_per_group = (time.perf_counter() - t0) / b
 
     config = TrainConfig(num_generations=g, max_completion_length=c, beta=0.001, per_device_train_batch_size=b,
                          group_sharing="full", max_grad_norm=1.0)

@@ -99,20 +99,19 @@ def with_eos_bias(model, eos_id: int, bias: float):
 
 
 def rollout(model, processor, prompts, sampling, seeds, batch_size):
-    """-> (groups' completion ids, DecodeStats) through the shared-prefill engine with `batch_size` prompts a loop."""
-    from echoink.model.engine.batched_decode import SpecialTokens, decode_groups
-    from echoink.model.generation import media_token_ids
+    """-> (groups' completion ids, DecodeStats) through the shared-prefill engine, `batch_size` prompts a loop."""
+    from echoink.model.engine import SharedPrefillEngine, prompt_generators
 
-    tokenizer = processor.tokenizer
-    special = SpecialTokens(tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id,
-                            tuple(media_token_ids(tokenizer)))
-    return decode_groups(model, prompts, sampling, seeds, special, batch_size=batch_size)
+    engine = SharedPrefillEngine(model, processor.tokenizer, batch_size=batch_size)
+    groups = engine.generate(prompts, sampling, prompt_generators(seeds, prompts[0].input_ids.device))
+    return [group.completion_ids for group in groups], engine.stats
 
 
 def measure(args, family: str, spec: str, generations: int, lengths: str) -> list[dict]:
     import torch
 
-    from echoink.model.engine.batched_decode import prompt_seed
+    from echoink.model.engine import prompt_seed
+    from echoink.model.families import family_of_model
     from echoink.model.generation import SamplingSettings
 
     model, processor = build_model(family, spec, args.dtype, args.device)
@@ -123,7 +122,7 @@ def measure(args, family: str, spec: str, generations: int, lengths: str) -> lis
         sampling = SamplingSettings(num_generations=generations, max_new_tokens=c, min_new_tokens=c)
     else:
         sampling = SamplingSettings(num_generations=generations, max_new_tokens=c)
-        eos_id = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        eos_id = family_of_model(model).eos_id(processor.tokenizer)
         with_eos_bias(model, eos_id, eos_bias_for(args.mean_length, model.lm_head.out_features))
     seeds = [prompt_seed(0, 0, position) for position in range(count)]
     rollout(model, processor, prompts[:1], replace(sampling, max_new_tokens=4, min_new_tokens=0), seeds[:1], 1)
