@@ -191,14 +191,11 @@ class TrainConfig:
               f"{MAX_SAMPLING_ROUNDS} rounds needs other rewards or data, not more rounds)")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
-        check(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
+        problems.extend(clip_range_problems(self.epsilon, self.epsilon_high))
         check(self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}")
         check(self.max_prompt_length is None or self.max_prompt_length >= 1,
               f"max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 or null, got {self.top_k}")
+        problems.extend(sampling_problems(self.temperature, self.top_p, self.top_k))
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.per_device_train_batch_size >= 1,
@@ -217,8 +214,6 @@ class TrainConfig:
         check(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has {len(self.reward_funcs)}")
-        check(self.num_completions_to_print >= 0,
-              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}")
         check(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         check(self.save_total_limit is None or self.save_total_limit >= 1,
@@ -317,6 +312,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def sampling_problems(temperature: float, top_p: float, top_k: int | None) -> list[str]:
+    """The one rule for sampling settings (the config's rollouts, `SamplingSettings`, `echoink eval`): what is
+    wrong, one message per setting ([] when all is well)."""
+    problems = []
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        problems.append(f"top_k must be >= 0 or null, got {top_k}")
+    return problems
+
+
+def clip_range_problems(epsilon: float, epsilon_high: float | None) -> list[str]:
+    """The one rule for the ratio's clipping range (the config and `grpo.loss` alike)."""
+    problems = []
+    if not epsilon > 0:
+        problems.append(f"epsilon must be > 0, got {epsilon}")
+    if epsilon_high is not None and not epsilon_high > 0:
+        problems.append(f"epsilon_high must be > 0, got {epsilon_high}")
+    return problems
 
 
 def describe_run(config: TrainConfig, num_items: int, num_processes: int = 1) -> str:
