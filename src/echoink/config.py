@@ -27,6 +27,7 @@ from echoink.choices import (
     REPORT_TO,
     SCALE_REWARDS,
 )
+from echoink.io import read_object_file
 
 
 #: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
@@ -359,18 +360,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        values.update(loaded)
+        values.update(read_object_file(path, ConfigError, yaml_text=True, missing="config file not found",
+                                       what="config"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
