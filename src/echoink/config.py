@@ -27,6 +27,7 @@ from echoink.choices import (
     REPORT_TO,
     SCALE_REWARDS,
 )
+from echoink.io import read_object_file
 
 
 #: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
@@ -199,14 +200,11 @@ class TrainConfig:
               f"rollout_token_budget must be >= 1 or null (no limit), got {self.rollout_token_budget}")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
-        check(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
+        problems.extend(clip_range_problems(self.epsilon, self.epsilon_high))
         check(self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}")
         check(self.max_prompt_length is None or self.max_prompt_length >= 1,
               f"max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 or null, got {self.top_k}")
+        problems.extend(sampling_problems(self.temperature, self.top_p, self.top_k))
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.per_device_train_batch_size >= 1,
@@ -225,8 +223,6 @@ class TrainConfig:
         check(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has {len(self.reward_funcs)}")
-        check(self.num_completions_to_print >= 0,
-              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}")
         check(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         check(self.save_total_limit is None or self.save_total_limit >= 1,
@@ -327,6 +323,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def sampling_problems(temperature: float, top_p: float, top_k: int | None) -> list[str]:
+    """The one rule for sampling settings (the config's rollouts, `SamplingSettings`, `echoink eval`): what is
+    wrong, one message per setting ([] when all is well)."""
+    problems = []
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        problems.append(f"top_k must be >= 0 or null, got {top_k}")
+    return problems
+
+
+def clip_range_problems(epsilon: float, epsilon_high: float | None) -> list[str]:
+    """The one rule for the ratio's clipping range (the config and `grpo.loss` alike)."""
+    problems = []
+    if not epsilon > 0:
+        problems.append(f"epsilon must be > 0, got {epsilon}")
+    if epsilon_high is not None and not epsilon_high > 0:
+        problems.append(f"epsilon_high must be > 0, got {epsilon_high}")
+    return problems
+
+
 def describe_run(config: TrainConfig, num_items: int, num_processes: int = 1) -> str:
     """The resolved config and the step arithmetic, as `echoink train --dry-run` prints them."""
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "", f"train items: {num_items}",
@@ -349,18 +368,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        values.update(loaded)
+        values.update(read_object_file(path, ConfigError, yaml_text=True, missing="config file not found",
+                                       what="config"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")

@@ -49,7 +49,6 @@ __all__ = [
     "Score",
     "SolutionError",
     "get_problem_type",
-    "known_problem_types",
     "parse_number",
     "parse_spans",
     "register_problem_type",
@@ -444,10 +443,6 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     kind.name: kind() for kind in (MultipleChoice, Numerical, Counting, Regression, OCR, FreeForm, TemporalRetrieval)
 }
 _BUILT_IN = frozenset(PROBLEM_TYPES)
-
-
-def known_problem_types() -> list[str]:
-    return list(PROBLEM_TYPES)
 
 
 def unknown_type_message(name: str) -> str:

@@ -38,7 +38,6 @@ __all__ = [
     "DATA_TYPES",
     "MEDIA_EXTENSIONS",
     "MULTIPLE_CHOICE",
-    "NEEDS_VALUES",
     "DatasetError",
     "Record",
     "load_dataset",
@@ -62,9 +61,6 @@ MEDIA_EXTENSIONS: dict[str, frozenset[str]] = {
     "image": frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}),
     "video": frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov"}),
 }
-
-#: Values the synthetic set uses for the optional ``needs`` field (other strings are accepted).
-NEEDS_VALUES = ("audio", "image", "audio+image", "video+audio", "text")
 
 _KNOWN_FIELDS = frozenset(
     {"problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source", "needs"}

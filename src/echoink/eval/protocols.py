@@ -70,7 +70,6 @@ _ECHOINK_BASE_TEMPLATE = replace(DEFAULT_TEMPLATE, question_template="{problem}\
 
 _TAGGED_LETTER = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.IGNORECASE)
 _STANDALONE_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
-_LETTERS = ("A", "B", "C", "D")
 
 
 def echoink_answer_letter(reply: str) -> str | None:

@@ -207,7 +207,7 @@ def _check_multiple_choice(records: Sequence[Record], protocol: str) -> None:
 
 
 def _model_name(model) -> str:
-    name = getattr(getattr(generation_owner(model), "config", None), "_name_or_path", "") or ""
+    name = getattr(getattr(generation_owner(model), "config", None), "name_or_path", "") or ""
     if name and Path(name).is_dir():
         return str(Path(name).resolve())
     return name or type(model).__name__

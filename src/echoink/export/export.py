@@ -21,7 +21,6 @@ the export naming it. The output is built in a temporary sibling directory and m
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any, Iterator, Sequence
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from echoink.io import building_directory, write_json_atomic
+from echoink.io import building_directory, read_object_file, write_json_atomic
 from echoink.model.families import UnsupportedModelError, family_for_model_type
 
 __all__ = ["EXPORT_LAYOUTS", "ExportError", "ExportResult", "export_model"]
@@ -131,17 +130,7 @@ class _Checkpoint:
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ExportError(f"{path}: missing")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return value
+    return read_object_file(path, ExportError, missing="missing")
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:

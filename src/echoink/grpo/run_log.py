@@ -39,7 +39,6 @@ class RunLog:
                                          TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
                 self.task = self.progress.add_task("train", total=total_steps, reward="-")
                 self.progress.start()
-        self._metrics_buffer: list[dict] = []
 
     def announce(self, config, arithmetic: dict, num_items: int) -> None:
         """Print the global batch arithmetic at start (prompts, not completions, per device)."""

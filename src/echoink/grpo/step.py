@@ -1,6 +1,6 @@
 """One GRPO step in two phases: `collect` experience, then `update` the policy on it.
 
-    collect(context, micro_batches) -> CollectedBatch      (no gradient; immutable result)
+    collect(context, prompts) -> CollectedBatch            (no gradient; immutable result)
         rollouts     G completions per prompt, all prompts in one engine call            engine.generate
                      (over-long prompts, records with undecodable media: skipped, counted) skips
         rewards      [G, R] per group, weighted totals [B*G]                             scoring.score_group

@@ -10,6 +10,7 @@ accelerate (`distributed.py` holds what the back-ends need); groups stay whole o
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -52,7 +53,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
     evaluate: the in-training evaluation, called every `eval_steps` on the main process as
         `evaluate(thinker, processor) -> {"eval/...": value}` (build it with
-        `echoink.eval.training_evaluator(config)`; the CLI and the demo do). Required when eval_steps > 0.
+        `echoink.eval.run.training_evaluator(config)`; the CLI and the demo do). Required when eval_steps > 0.
     """
     # --- 1. validate everything a user gave us before loading the model ---
     if not config.model_path:
@@ -65,28 +66,83 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
 def _train(config: TrainConfig, resume_from: str | None, progress: bool,
            evaluate: Callable[[torch.nn.Module, object], dict] | None) -> Path:
+    # --- 1. validate everything a user gave us before loading the model ---
     previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
     register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
     if config.eval_steps and evaluate is None:
-        raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval."
+        raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval.run."
                           "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
     rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
-
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     check_dataset_modalities(accelerator, records)
     resume = choose_resume_checkpoint(config, resume_from, accelerator.num_processes)  # validated, not loaded yet
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
+    arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
+    log = _open_log(config, accelerator, arithmetic, len(records), progress, previous_run, resume)
+
+    # --- 2. model, reference, optimizer; 3. resume ---
+    parts = _training_parts(config, accelerator, arithmetic["total_steps"])
+    start_step, data_position = _resume_position(config, accelerator, resume, log)
+    plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
+                     num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
+                     seed=config.seed, shuffle=config.shuffle_dataset,
+                     answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
+    sampling = SamplingSettings(config.num_generations, config.max_completion_length, config.temperature,
+                                config.top_p, config.top_k)
+    engine = rollout_engine(parts.thinker, parts.processor.tokenizer, config.group_sharing, policy_version=start_step,
+                            batch_size=config.rollout_batch_size, token_budget=config.rollout_token_budget)
+    context = StepContext(config, accelerator, parts.policy, parts.thinker, engine, parts.reference, parts.peft_model,
+                          parts.optimizer, parts.scheduler, parts.processor, rewards, GRPOLoss.from_config(config),
+                          sampling, MediaOptions.from_config(config), template,
+                          torch.bfloat16 if config.bf16 else torch.float32,
+                          steps_to_run=arithmetic["total_steps"] - start_step)
+
+    # --- 4. the loop ---
+    for step in range(start_step, arithmetic["total_steps"]):
+        t0 = time.perf_counter()
+        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
+                              first_round=data_position)
+        result = grpo_step(context, prompts)
+        engine.sync(parts.thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
+        data_position += prompts.rounds_used
+        result.metrics["step_seconds"] = time.perf_counter() - t0
+        result.metrics["learning_rate"] = parts.scheduler.get_last_lr()[0]
+        if evaluate is not None and (step + 1) % config.eval_steps == 0:
+            result.metrics.update(_evaluate_on_main(evaluate, parts.thinker, parts.processor, accelerator))
+        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+        if config.save_steps and (step + 1) % config.save_steps == 0:
+            _save_step(config, accelerator, parts, output_dir, step + 1, plan, data_position)
+
+    # --- 5. final model ---
+    return _final_model(config, accelerator, parts, output_dir, log)
+
+
+@dataclass(frozen=True)
+class _TrainingParts:
+    """What `_training_parts` builds: the policy (accelerate-prepared) and the unwrapped thinker inside it, the
+    frozen reference (beta > 0 without LoRA), the PEFT wrapper (LoRA), the processor, optimizer and scheduler."""
+
+    thinker: torch.nn.Module
+    processor: object
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    peft_model: object | None
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+
+
+def _open_log(config, accelerator, arithmetic: dict, num_items: int, progress: bool, previous_run, resume) -> RunLog:
+    """Clear an overwritten run (main process), open the run log, and say what the run is and what it noted."""
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
     accelerator.wait_for_everyone()
-    arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
-    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
+    log = RunLog(Path(config.output_dir), accelerator, arithmetic["total_steps"], enabled=progress,
                  log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
-    log.announce(config, arithmetic, len(records))
+    log.announce(config, arithmetic, num_items)
     if config.beta > 0 and skips_zero_advantage_groups(config):
         log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
                  "their KL term is dropped (the gradient differs from not skipping by that term)")
@@ -94,8 +150,11 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
         log.note(line)
     for line in resume.warnings:
         log.warn(line)
+    return log
 
-    # --- 2. model, reference, optimizer ---
+
+def _training_parts(config: TrainConfig, accelerator, total_steps: int) -> _TrainingParts:
+    """Load the thinker, make it trainable (freezing, LoRA, checkpointing), the reference, optimizer, scheduler."""
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
     base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
     thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
@@ -112,79 +171,59 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                   weight_decay=config.weight_decay)
-    updates = arithmetic["total_steps"] * config.num_iterations
+    updates = total_steps * config.num_iterations
     scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
                               num_training_steps=updates)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    thinker = accelerator.unwrap_model(policy).thinker
+    return _TrainingParts(accelerator.unwrap_model(policy).thinker, processor, policy, reference, peft_model,
+                          optimizer, scheduler)
 
-    # --- 3. resume ---
-    start_step, data_position = 0, 0  # data_position: draw rounds consumed (dynamic sampling only)
-    if resume.checkpoint:
-        state = load_checkpoint_state(accelerator, resume.checkpoint)
-        start_step, data_position = state["step"], state.get("data_position", 0)
-        log.truncate_after(start_step)  # steps logged after the checkpoint are about to be redone
-        log.note(f"resumed from {resume.checkpoint} at step {start_step}")
-        changed = changed_settings(resume.state, config, accelerator.num_processes)
-        if changed:
-            log.warn(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}; "
-                     "the rest of the run will not match an uninterrupted one")
-    elif config.resume:
-        log.note(f"resume=true: no checkpoint in {output_dir} yet; starting at step 0")
 
-    plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
-                     num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
-                     seed=config.seed, shuffle=config.shuffle_dataset,
-                     answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
-    media_options = MediaOptions.from_config(config)
-    sampling = SamplingSettings(config.num_generations, config.max_completion_length, config.temperature,
-                                config.top_p, config.top_k)
-    model_dtype = torch.bfloat16 if config.bf16 else torch.float32
+def _resume_position(config: TrainConfig, accelerator, resume, log: RunLog) -> tuple[int, int]:
+    """-> (step to start at, draw rounds consumed): from the checkpoint being resumed (RNG states restored), else 0."""
+    if not resume.checkpoint:
+        if config.resume:
+            log.note(f"resume=true: no checkpoint in {config.output_dir} yet; starting at step 0")
+        return 0, 0
+    state = load_checkpoint_state(accelerator, resume.checkpoint)
+    log.truncate_after(state["step"])  # steps logged after the checkpoint are about to be redone
+    log.note(f"resumed from {resume.checkpoint} at step {state['step']}")
+    changed = changed_settings(resume.state, config, accelerator.num_processes)
+    if changed:
+        log.warn(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}; "
+                 "the rest of the run will not match an uninterrupted one")
+    return state["step"], state.get("data_position", 0)  # data_position: draw rounds consumed (dynamic sampling)
+
+
+def _save_step(config: TrainConfig, accelerator, parts: _TrainingParts, output_dir: Path, step: int, plan: BatchPlan,
+               data_position: int) -> None:
+    """checkpoint-<step>, with the state a resume needs (and compares)."""
+    state = {"step": step, "prompts_seen": step * plan.prompts_per_step,
+             **run_settings(config, accelerator.num_processes)}  # compared on resume
+    if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
+        state.update(data_position=data_position,
+                     prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
 
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
-        save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
+        save_model_files(accelerator, parts.policy, parts.processor, directory, parts.peft_model, atomic=False)
 
-    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step,
-                            batch_size=config.rollout_batch_size, token_budget=config.rollout_token_budget)
-    context = StepContext(config, accelerator, policy, thinker, engine, reference, peft_model, optimizer, scheduler,
-                          processor, rewards, GRPOLoss.from_config(config), sampling, media_options, template,
-                          model_dtype, steps_to_run=arithmetic["total_steps"] - start_step)
+    save_checkpoint(accelerator, save_model, output_dir, step, state, save_total_limit=config.save_total_limit)
 
-    # --- 4. the loop ---
-    for step in range(start_step, arithmetic["total_steps"]):
-        t0 = time.perf_counter()
-        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
-                              first_round=data_position)
-        result = grpo_step(context, prompts)
-        engine.sync(thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
-        data_position += prompts.rounds_used
-        result.metrics["step_seconds"] = time.perf_counter() - t0
-        result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        if evaluate is not None and (step + 1) % config.eval_steps == 0:
-            result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
-        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
-        if config.save_steps and (step + 1) % config.save_steps == 0:
-            state = {"step": step + 1, "prompts_seen": (step + 1) * plan.prompts_per_step,
-                     **run_settings(config, accelerator.num_processes)}  # compared on resume
-            if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
-                state.update(data_position=data_position,
-                             prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
-            save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
-                            save_total_limit=config.save_total_limit)
 
-    # --- 5. final model ---
+def _final_model(config: TrainConfig, accelerator, parts: _TrainingParts, output_dir: Path, log: RunLog) -> Path:
+    """Write the final model (under LoRA: output_dir/adapter, + the merged thinker in final/ on request)."""
     final = output_dir / "final"
     accelerator.wait_for_everyone()
-    save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
-                     peft_model)  # under LoRA: output_dir/adapter (+ the merged thinker in final/ on request)
+    save_model_files(accelerator, parts.policy, parts.processor, output_dir if parts.peft_model is not None else final,
+                     parts.peft_model)
     if accelerator.is_main_process:
-        if peft_model is not None and config.save_merged_model:
+        if parts.peft_model is not None and config.save_merged_model:
             merge_adapter(config.model_path, output_dir / "adapter", final)
         write_json_atomic(output_dir / "config.resolved.json", config.to_dict())
     accelerator.wait_for_everyone()
     log.close()
     accelerator.end_training()
-    return final if (peft_model is None or config.save_merged_model) else output_dir / "adapter"
+    return final if (parts.peft_model is None or config.save_merged_model) else output_dir / "adapter"
 
 
 def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:

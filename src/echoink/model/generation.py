@@ -14,7 +14,6 @@ processors, and a guard around transformers' `generate`.
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from echoink.config import sampling_problems
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,9 @@ class SamplingSettings:
         if self.greedy and self.num_generations != 1:
             raise ValueError(f"greedy decoding gives one answer per problem; samples={self.num_generations} needs "
                              "sampling (greedy=False)")
-        if not self.greedy:
-            if not (self.temperature > 0 and math.isfinite(self.temperature)):
-                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-            if self.top_k is not None and self.top_k < 0:
-                raise ValueError(f"top_k must be >= 0 or None, got {self.top_k}")
+        problems = [] if self.greedy else sampling_problems(self.temperature, self.top_p, self.top_k)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that shape the output (greedy: only max_new_tokens matters besides the mode)."""

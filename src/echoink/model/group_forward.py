@@ -57,7 +57,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import Cache, DynamicLayer
 
 from echoink.choices import GROUP_SHARING
-from echoink.compat import attention_implementation_of, caches_allowed_under_checkpointing
+from echoink.compat import attention_implementation_of, caches_allowed_under_checkpointing, checkpoint_function_of
 from echoink.model.attention import masked_attention, prompt_attention, require_full_attention
 from echoink.model.families import OmniFamily, family_of_model
 from echoink.model.inputs import PromptInputs
@@ -197,7 +197,7 @@ def _checkpoint_is_reentrant(model) -> bool:
     inputs, so the prompt K/V handed out through the cache would silently get no gradient.
     """
     for layer in family_of_model(model).decoder(model).layers:
-        function = getattr(layer, "_gradient_checkpointing_func", None)
+        function = checkpoint_function_of(layer)
         if function is not None and getattr(function, "keywords", {}).get("use_reentrant", True):
             return True
     return False

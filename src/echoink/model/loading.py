@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from echoink.io import read_object_file
 from echoink.model.families import OmniFamily, UnsupportedModelError, family_for_model_type
 from echoink.model.processor import load_processor
 from echoink.model.saving import quiet_transformers
@@ -52,16 +53,9 @@ def read_checkpoint(path: str | Path) -> tuple[OmniFamily, object, bool]:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory (expected a model directory with config.json)")
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{config_file}: missing (not a model directory)")
+    raw = read_object_file(config_file, ModelLoadError, missing="missing (not a model directory)")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_file}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{config_file}: not UTF-8 text") from None
-    try:
-        family, full = family_for_model_type(raw.get("model_type") if isinstance(raw, dict) else None, str(config_file))
+        family, full = family_for_model_type(raw.get("model_type"), str(config_file))
     except UnsupportedModelError as exc:
         raise ModelLoadError(str(exc)) from None
     try:
