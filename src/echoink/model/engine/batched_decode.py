@@ -12,7 +12,7 @@ A loop takes B prompts and answers each G times (B*G rows):
   together. Attention (`attention.BatchedPrefixCache`, `attention.batched_prefix_attention`) reads, for the rows of group b, group b's
   prompt K/V (one matmul per group: no padding shared across groups) and each row's own K/V (one
   batched matmul over all rows), with one softmax over both. Each row has its own M-RoPE position
-  (group b's completion token t sits at max(prompt b positions) + 1 + t).
+  (the family's positions after prompt b, plus t for completion token t).
 * **compaction**: a row that has produced EOS leaves the computation. The completions' own K/V buffer
   [kv_heads, rows, capacity, d] has one length for all rows, so leaving is an index-select of the rows
   that remain (in place, into the same buffer); a step costs in proportion to the rows still running.
@@ -47,8 +47,7 @@ from echoink.model.generation import SamplingSettings, logits_processors
 from echoink.model.inputs import PromptInputs
 
 
-
-# ---- loop plans ----------------------------------------------------------------------
+# ---- loop plans -------------------------------------------------------------------------------------------
 
 def plan_loops(prompt_lengths: Sequence[int], group_size: int, max_new_tokens: int, batch_size: int | None = None,
                token_budget: int | None = None) -> list[list[int]]:
