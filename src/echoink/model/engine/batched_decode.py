@@ -28,6 +28,11 @@ size, the number of processes, or when rows are compacted (tests compare with `g
 Logits processors are the ones `generate` applies, in its order (`logits_processors`); each acts on
 every row alike, so they run once for all rows.
 
+Prefills run one prompt at a time: a right-padded batch of 8 prompts through the decoder was not faster on
+2 CPU cores (tiny spec 0.22 s vs 0.19 s one by one, bench 2.24 s vs 2.14 s; docs/performance.md) — the
+prefill is compute-bound there and padding adds work — and one at a time keeps every prompt's K/V exactly
+what `generate` computes for it.
+
 Loops. `plan_loops` cuts the prompts into loops of at most `batch_size` prompts (None: all in one) and
 at most `token_budget` K/V positions (sum over the loop of P_b + G * max_new_tokens; None: no limit);
 a prompt over the budget alone runs in a loop of its own. Since every group's draws are its own, how
