@@ -232,12 +232,14 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.grpo.trackers import check_trackers
         from echoink.prompts import PromptTemplate
         from echoink.rewards import resolve_rewards
 
         try:  # what train() checks before the model loads, minus the data: a bad reward or template fails here
             resolve_rewards(cfg.reward_funcs)
             PromptTemplate.from_dict(cfg.prompt_template)
+            check_trackers(cfg)  # report_to: a tracker that is not installed
         except (TypeError, ValueError) as exc:
             _fail(str(exc))
 

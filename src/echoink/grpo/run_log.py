@@ -16,14 +16,18 @@ from rich.text import Text
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from echoink.io import append_jsonl, truncate_jsonl_after
+from echoink.grpo.trackers import PROJECT, tracker_metrics
 from echoink.grpo.types import Group
 
 
 class RunLog:
     def __init__(self, output_dir: Path, accelerator, total_steps: int, enabled: bool = True,
-                 log_completions: bool = True, num_completions_to_print: int = 0) -> None:
+                 log_completions: bool = True, num_completions_to_print: int = 0,
+                 logging_first_step: bool = False) -> None:
         """log_completions: write completions.jsonl; num_completions_to_print: show that many of each logged
-        step's completions (best and worst reward first) in the console."""
+        step's completions (best and worst reward first) in the console; logging_first_step: step 1 is logged
+        whatever the logging interval."""
+        self.logging_first_step = logging_first_step
         self.output_dir = Path(output_dir)
         self.log_completions = log_completions
         self.num_completions_to_print = num_completions_to_print
@@ -52,7 +56,7 @@ class RunLog:
             f"(per_device_train_batch_size={config.per_device_train_batch_size} PROMPTS per device, "
             f"gradient_accumulation_steps={config.gradient_accumulation_steps}); {arithmetic['total_steps']} steps")
         if config.report_to:
-            self.accelerator.init_trackers("echoink", config=_flat(config.to_dict()))
+            self.accelerator.init_trackers(PROJECT, config=_flat(config.to_dict()))
 
     def truncate_after(self, step: int) -> None:
         """Drop rows of steps after `step` (a resumed run redoes them): no step is logged twice."""
@@ -73,14 +77,15 @@ class RunLog:
     def step(self, step: int, metrics: dict, groups: list[Group], reward_names: list[str], every: int = 1) -> None:
         metrics = self._average_over_ranks(metrics)
         metrics["step"] = step
-        wanted = self.log_completions or (self.num_completions_to_print > 0 and step % every == 0)
+        logged = step % every == 0 or (step == 1 and self.logging_first_step)
+        wanted = self.log_completions or (self.num_completions_to_print > 0 and logged)
         completions = self._gather_completions(step, groups, reward_names) if wanted else []
         if not self.main:
             return
-        if step % every == 0:
+        if logged:
             append_jsonl(self.output_dir / "metrics.jsonl", [metrics])
             if self.accelerator.trackers:
-                self.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+                self.accelerator.log(tracker_metrics(metrics), step=step)
             self._print_completions(step, completions)
         if self.log_completions:
             append_jsonl(self.output_dir / "completions.jsonl", completions)

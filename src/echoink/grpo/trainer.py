@@ -77,8 +77,9 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
     accelerator.wait_for_everyone()
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
-    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
-                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
+    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress and not config.disable_tqdm,
+                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print,
+                 logging_first_step=config.logging_first_step)
     log.announce(config, arithmetic, len(records))
     if config.beta > 0 and skips_zero_advantage_groups(config):
         log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
@@ -106,8 +107,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                   weight_decay=config.weight_decay)
     updates = arithmetic["total_steps"] * config.num_iterations
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
-                              num_training_steps=updates)
+    warmup = config.warmup_steps * config.num_iterations if config.warmup_steps else int(config.warmup_ratio * updates)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     thinker = accelerator.unwrap_model(policy).thinker
 
