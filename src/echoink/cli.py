@@ -205,7 +205,7 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: a plain line per logged step."),
     num_processes: int = typer.Option(int(os.environ.get("WORLD_SIZE", "1")), "--num-processes",
                                       help="With --dry-run: number of GPUs/processes to compute the arithmetic for."),
     num_items: Optional[int] = typer.Option(None, "--num-items",
@@ -582,11 +582,14 @@ def aha_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),
     patterns: Optional[Path] = typer.Option(None, "--patterns",
                                             help="Text file of reflective phrases, one per line (# comments)."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
 ) -> None:
     """Mine reflective expressions ("wait", "hmm", ...) and answer revisions; write report, examples, plot."""
     from rich.console import Console
 
     from echoink.analysis.aha import load_patterns, mine_aha
+
+    _register_problem_types(problem_types)  # a run's completions are graded by their own problem type
 
     if out is None:
         out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")

@@ -36,6 +36,7 @@ from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.step import StepContext, grpo_step
+from echoink.grpo.zero_signal import ZeroSignalWatch
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
 from echoink.model.generation import SamplingSettings
@@ -92,7 +93,10 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     # --- 2. model, reference, optimizer ---
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
     base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
+    log.note(f"loading the model from {config.model_path} ...")
+    loading_started = time.monotonic()
     thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
+    log.note(f"model loaded in {time.monotonic() - loading_started:.0f} s")
     prepare_for_training(thinker, config)  # family checks (group sharing it cannot do) and the router aux-loss weight
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
@@ -142,6 +146,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                           rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
 
     # --- 4. the loop ---
+    log.begin(start_step)  # the bar and the pace count from the resumed step
+    zero_signal = ZeroSignalWatch()  # warns when several steps in a row learn nothing
     for step in range(start_step, arithmetic["total_steps"]):
         t0 = time.perf_counter()
         prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
@@ -152,18 +158,23 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
         if evaluate is not None and (step + 1) % config.eval_steps == 0:
             result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
-        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+        logged = log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+        warning = zero_signal.observe(step + 1, logged)
+        if warning:
+            log.warn(warning)
         if config.save_steps and (step + 1) % config.save_steps == 0:
             state = {"step": step + 1, "prompts_seen": (step + 1) * plan.prompts_per_step,
                      **run_settings(config, accelerator.num_processes)}  # compared on resume
             if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
                 state.update(data_position=data_position,
                              prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
-            save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
-                            save_total_limit=config.save_total_limit)
+            saved = save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
+                                    save_total_limit=config.save_total_limit)
+            log.checkpoint_saved(step + 1, saved)
 
     # --- 5. final model ---
     final = output_dir / "final"
+    log.note(f"saving the final model to {output_dir / 'adapter' if peft_model is not None else final}")
     accelerator.wait_for_everyone()
     save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
                      peft_model)  # under LoRA: output_dir/adapter (+ the merged thinker in final/ on request)
