@@ -258,13 +258,14 @@ def train_command(
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
+    from echoink.run_lock import LockedError
 
     from echoink.export import write_model_card
 
     try:
         final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
                       evaluate=training_evaluator(cfg))
-    except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError) as exc:
+    except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError, LockedError) as exc:
         _fail(str(exc))
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
@@ -322,10 +323,11 @@ def demo_command(
     from echoink.grpo.step import NonFiniteError
     from echoink.io import NoSpaceLeftError
     from echoink.model import ModelLoadError
+    from echoink.run_lock import LockedError
 
     try:
         summary = run_demo(out, overrides=ctx.args, family=family)
-    except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError) as exc:
+    except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError, LockedError) as exc:
         _fail(f"{exc} (demo config: echoink/demo/demo_cpu.yaml; key=value arguments override it)"
               if isinstance(exc, ConfigError) else str(exc))
     except NoSpaceLeftError as exc:
@@ -372,6 +374,7 @@ def eval_command(
     from echoink.eval.protocols import EVAL_PROTOCOLS
     from echoink.eval.run import RunSignatureError, evaluate
     from echoink.model import ModelLoadError
+    from echoink.run_lock import LockedError
 
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
@@ -402,7 +405,7 @@ def eval_command(
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
             protocol=protocol, base_model=base_model,
         )
-    except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError) as exc:
+    except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
     accuracy = summary["accuracy"]
     headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])

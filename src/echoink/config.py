@@ -30,6 +30,11 @@ from echoink.choices import (
 )
 
 
+#: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
+#: per_device_train_batch_size more prompts).
+MAX_SAMPLING_ROUNDS = 100
+
+
 class ConfigError(ValueError):
     """An unknown key or a bad value in a training config; raised before any work starts."""
 
@@ -194,7 +199,10 @@ class TrainConfig:
         check(self.group_sharing in GROUP_SHARING,
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
-        check(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
+              f"max_sampling_rounds must be between 1 and {MAX_SAMPLING_ROUNDS}, got {self.max_sampling_rounds} (each "
+              "round rolls out per_device_train_batch_size more prompts; a reward still uninformative after "
+              f"{MAX_SAMPLING_ROUNDS} rounds needs other rewards or data, not more rounds)")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
