@@ -367,8 +367,16 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="A run's config.resolved.json (or training YAML): prompt with its "
+                                               "template, media caps and problem types instead of those saved "
+                                               "with the model (echoink_prompt.json)."),
 ) -> None:
-    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
+    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy.
+
+    With --protocol ours a trained model is prompted as it was trained: the prompt template and media caps
+    saved with it (echoink_prompt.json), or those of --config; the first line says which.
+    """
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
@@ -379,6 +387,7 @@ def eval_command(
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+    prompt = _eval_prompt_settings(model, config, protocol, given_problem_types=bool(problem_types))
     sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k}
     if protocol == "echoink":
         fixed = [name for name, value in {**sampling_options, "--max-new-tokens": max_new_tokens}.items()
@@ -403,7 +412,7 @@ def eval_command(
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
             top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens or 256, ablate=ablate,
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
-            protocol=protocol, base_model=base_model,
+            protocol=protocol, base_model=base_model, **prompt,
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
@@ -420,6 +429,28 @@ def eval_command(
         typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
                    f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
+
+
+def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, given_problem_types: bool) -> dict:
+    """evaluate()'s template and media_options for --protocol ours (printed with where they came from);
+    nothing for --protocol echoink, which fixes its own."""
+    from echoink.model.prompt_settings import PromptSettingsError, settings_for_eval
+
+    if protocol != "ours":
+        if config is not None:
+            _fail(f"--protocol {protocol} uses its own prompt and media caps: drop --config")
+        return {}
+    try:
+        settings, source = settings_for_eval(model, config)
+    except PromptSettingsError as exc:
+        _fail(str(exc))
+    if settings.problem_types and config is not None:
+        _register_problem_types(list(settings.problem_types))  # a config the user named: as train does
+    elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
+        _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
+              f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
+    typer.echo(f"{settings.describe()} ({source})")
+    return {"template": settings.template, "media_options": settings.media}
 
 
 def _ci_text(value: float, low: float, high: float) -> str:
