@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from echoink.io import check_writable, reporting_full_disk
+
 __all__ = ["LockedError", "directory_lock", "file_lock", "hold_lock", "is_main_launch_process"]
 
 LOCK_NAME = ".echoink.lock"
@@ -75,8 +77,9 @@ def hold_lock(path: str | Path, what: str) -> Iterator[Path]:
     `what` names the locked thing in the message ("output_dir /runs/a", "predictions file p.jsonl").
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    check_writable(path.parent)  # a read-only or full place: one line now, before any work
+    with reporting_full_disk(path):
+        handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         _take(handle, path, what)
         stop = threading.Event()
