@@ -254,3 +254,181 @@ def test_eval_on_a_full_disk_is_one_line(tiny_model_dir, mixed_dataset, tmp_path
                                       "--limit", "2", "--max-new-tokens", "4", "--no-progress"])
     flat = _one_line_error(result, f"no space left on {out}: free space, then run the command again")
     assert flat.count("error:") == 1
+
+
+# ---- item 6b: preemption is a checkpoint, not a loss ------------------------------------------------------------
+
+def _train_process(tiny_model_dir, mixed_dataset, out, *extra, log=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "MASTER_", "LOCAL_RANK", "WORLD_SIZE", "RANK"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           str(Path(__file__).resolve().parent)]))
+    args = [sys.executable, "-m", "echoink.cli", *_train_args(tiny_model_dir, mixed_dataset, out, "--quiet",
+                                                              "max_steps=4", "learning_rate=1e-3", "seed=3",
+                                                              "torch_num_threads=1",
+                                                              "reward_funcs=[_train_worker:spread_reward,format]",
+                                                              *extra)]
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_a_preemption_signal_checkpoints_and_the_resume_is_exact(tiny_model_dir, mixed_dataset, tmp_path,
+                                                                 signal_name):
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    reference = _train_process(tiny_model_dir, mixed_dataset, straight, log=tmp_path / "a.err")
+    victim = _train_process(tiny_model_dir, mixed_dataset, preempted, log=tmp_path / "b.err")
+    deadline = time.monotonic() + 300
+    while not (preempted / "metrics.jsonl").is_file() or not (preempted / "metrics.jsonl").read_text():
+        assert victim.poll() is None, (tmp_path / "b.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no step logged in time"
+        time.sleep(0.02)
+    os.kill(victim.pid, getattr(signal, signal_name))  # mid-run: during step 2 (or its logging)
+    assert victim.wait(timeout=300) == 75, (tmp_path / "b.err").read_text()[-3000:]
+    err = (tmp_path / "b.err").read_text()
+    checkpoints = sorted(p.name for p in preempted.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not (preempted / "final").exists(), (checkpoints, err)
+    step = int(checkpoints[0].split("-")[1])
+    assert f"preempted by {signal_name} after step {step} of 4: wrote {preempted / checkpoints[0]}; resume with: " \
+           f"echoink train" in err and err.rstrip().endswith("resume=true"), err
+    resumed = _train_process(tiny_model_dir, mixed_dataset, preempted, "resume=true", log=tmp_path / "c.err")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "c.err").read_text()[-3000:]
+    assert f"resumed from {preempted / checkpoints[0]} at step {step}" in (tmp_path / "c.err").read_text()
+    assert reference.wait(timeout=300) == 0, (tmp_path / "a.err").read_text()[-3000:]
+    a = load_file(str(straight / "final" / "model.safetensors"))
+    b = load_file(str(preempted / "final" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    initial = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert any(not torch.equal(a[k], initial[k]) for k in a)  # training did move the weights
+    assert [json.loads(line)["step"] for line in (preempted / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ---- item 7: user code fails politely everywhere ----------------------------------------------------------------
+
+USER_TYPE = '''
+from echoink.problem_types import ProblemType, Score
+
+class Graded(ProblemType):
+    name = "{name}"
+    binary = False
+
+    def parse_solution(self, answer, record):
+        {parse}
+        return answer
+
+    def score(self, answer, solution):
+        {score}
+'''
+
+
+@pytest.fixture
+def user_modules(tmp_path, monkeypatch):
+    """Write user modules into an importable directory; the registry and sys.modules are restored after."""
+    import sys
+
+    from echoink import problem_types
+
+    monkeypatch.syspath_prepend(str(tmp_path / "user"))
+    (tmp_path / "user").mkdir()
+    monkeypatch.setattr(problem_types, "PROBLEM_TYPES", dict(problem_types.PROBLEM_TYPES))
+    import echoink.data.records as records_module
+
+    monkeypatch.setattr(records_module, "PROBLEM_TYPES", problem_types.PROBLEM_TYPES)
+    written = []
+
+    def write(name: str, text: str) -> str:
+        (tmp_path / "user" / f"{name}.py").write_text(text)
+        written.append(name)
+        return name
+
+    yield write
+    for name in written:
+        sys.modules.pop(name, None)
+
+
+def _user_type(write, module, *, parse="pass", score="return Score(1.0, True)", name=None):
+    write(module, USER_TYPE.format(name=name or module, parse=parse, score=score))
+    return f"{module}:Graded"
+
+
+def _graded_data(tmp_path, mixed_dataset, problem_type: str) -> str:
+    items = [item for item in json.loads((mixed_dataset / "valid" / "omni_rl_format_valid.json").read_text())
+             if item["data_type"] == "text"][:2]
+    for item in items:
+        item.update(problem_type=problem_type, solution="<answer>3</answer>")
+        item.pop("options", None)
+    path = tmp_path / f"{problem_type}.json"
+    path.write_text(json.dumps(items))
+    return str(path)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("raise RuntimeError('boom at import')", "importing module '{m}' failed: RuntimeError: boom at import"),
+    ("def broken(:\n    pass", "importing module '{m}' failed: SyntaxError: "),
+    ("import no_such_dependency_xyz", "cannot import module '{m}': No module named 'no_such_dependency_xyz'"),
+])
+def test_user_code_that_fails_at_import_is_one_line(user_modules, tmp_path, mixed_dataset, body, expected):
+    module = user_modules(f"broken_{abs(hash(body)) % 10**6}", body)
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    result = CliRunner().invoke(app, ["data", "validate", data, "--problem-types", f"{module}:Graded"])
+    _one_line_error(result, f"problem type '{module}:Graded': " + expected.format(m=module))
+    reward = CliRunner().invoke(app, ["train", "--dry-run", f"train_data={data}", f"output_dir={tmp_path / 'r'}",
+                                      f"model_path={tmp_path}", f"reward_funcs=[{module}:f]"])
+    _one_line_error(reward, f"reward '{module}:f': ", expected.format(m=module).split(":")[0])
+
+
+def test_a_user_type_whose_constructor_or_attributes_are_wrong_is_refused_at_registration(user_modules):
+    from echoink.problem_types import register_problem_types
+
+    user_modules("ctor_fails", USER_TYPE.format(name="ctor", parse="pass", score="pass")
+                 + "\n    def __init__(self):\n        raise KeyError('no config')\n")
+    with pytest.raises(ValueError, match=r"problem type ctor_fails:Graded: its constructor raised KeyError: 'no config'"):
+        register_problem_types(["ctor_fails:Graded"])
+    user_modules("int_suffix", USER_TYPE.format(name="intsuffix", parse="pass", score="pass")
+                 + "\nGraded.suffix = 3\n")
+    with pytest.raises(ValueError, match=r"problem type 'intsuffix' \(int_suffix:Graded\): 'suffix' must be a string "
+                                         r"or None, got int 3"):
+        register_problem_types(["int_suffix:Graded"])
+
+
+def test_a_user_parse_solution_that_raises_names_the_record(user_modules, tmp_path, mixed_dataset):
+    spec = _user_type(user_modules, "parse_fails", parse="return 1 / 0")
+    data = _graded_data(tmp_path, mixed_dataset, "parse_fails")
+    result = CliRunner().invoke(app, ["data", "validate", data, "--problem-types", spec])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (f"{data}:0:solution: problem type 'parse_fails' (parse_fails:Graded): parse_solution() raised "
+            "ZeroDivisionError: division by zero") in result.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("score, shown", [
+    ("return Score(5.0, True)", "Score(value=5.0, parsed=True)"),
+    ("return Score(float('nan'), True)", "Score(value=nan, parsed=True)"),
+    ("return Score('high', True)", "Score(value='high', parsed=True)"),
+    ("return 0.5", "0.5"),
+    ("raise LookupError('no table')", None),
+])
+def test_user_scores_are_numbers_in_0_1_in_training_and_evaluation(user_modules, tmp_path, mixed_dataset,
+                                                                   tiny_model_dir, score, shown):
+    module = f"score_{abs(hash(score)) % 10**6}"
+    spec = _user_type(user_modules, module, score=score)
+    data = _graded_data(tmp_path, mixed_dataset, module)
+    what = ("score() raised LookupError: no table" if shown is None else
+            f"score() returned {shown}; it must return Score(value, parsed) with value a number in [0, 1]")
+    evaluation = CliRunner().invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", data, "--out",
+                                          str(tmp_path / "p.jsonl"), "--problem-types", spec, "--max-new-tokens", "2",
+                                          "--no-progress"])
+    _one_line_error(evaluation, f"{data}:0 (problem_id", f"problem type '{module}' ({spec}): {what}")
+    training = CliRunner().invoke(app, _train_args(tiny_model_dir, mixed_dataset, tmp_path / "run", "max_steps=1",
+                                                   f"train_data={data}", f"problem_types=[{spec}]", "--quiet"))
+    _one_line_error(training, f"record {data}:", f"problem type '{module}' ({spec}): {what}")

@@ -266,6 +266,7 @@ def train_command(
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
     from echoink.run_lock import LockedError
+    from echoink.grpo.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     from echoink.export import write_model_card
 
@@ -274,6 +275,9 @@ def train_command(
                       evaluate=training_evaluator(cfg))
     except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError, LockedError) as exc:
         _fail(str(exc))
+    except Preempted as exc:  # SIGTERM / SIGUSR1: a checkpoint was written; 75 tells a job script to requeue
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=PREEMPTED_EXIT_STATUS)
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
     try:
