@@ -277,7 +277,7 @@ def _train_process(tiny_model_dir, mixed_dataset, out, *extra, log=None):
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
 
 
-@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_a_preemption_signal_checkpoints_and_the_resume_is_exact(tiny_model_dir, mixed_dataset, tmp_path,
                                                                  signal_name):
     import os
