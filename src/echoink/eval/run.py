@@ -76,6 +76,7 @@ from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_p
 from echoink.problem_types import register_problem_types
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from echoink.rewards import answer_letter, extract_answer, format_reward, score_answer
+from echoink.run_lock import file_lock, hold_lock
 
 __all__ = [
     "EOS_TOKEN",
@@ -247,6 +248,11 @@ def evaluate(
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     records = load_dataset(data_path)
+    with hold_lock(file_lock(out_path), f"predictions file {out_path}"):  # one writer per file (run_lock.py)
+        return _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings)
+
+
+def _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings) -> dict[str, Any]:
     if isinstance(model, (str, Path)):
         from echoink.model.loading import load_thinker
 

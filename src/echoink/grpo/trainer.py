@@ -31,7 +31,7 @@ from echoink.grpo.checkpoint import (
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
-from echoink.grpo.run_dir import check_output_dir, clear_previous_run
+from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
@@ -58,6 +58,12 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         raise ValueError("config: model_path is required")
     if not config.train_data:
         raise ValueError("config: train_data is required")
+    with locked_output_dir(config.output_dir):  # one run per output_dir at a time (run_dir.py)
+        return _train(config, resume_from, progress, evaluate)
+
+
+def _train(config: TrainConfig, resume_from: str | None, progress: bool,
+           evaluate: Callable[[torch.nn.Module, object], dict] | None) -> Path:
     previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
     register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
@@ -138,7 +144,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
+                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
+                          steps_to_run=arithmetic["total_steps"] - start_step)
 
     # --- 4. the loop ---
     for step in range(start_step, arithmetic["total_steps"]):
