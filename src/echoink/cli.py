@@ -205,7 +205,7 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: a plain line per logged step."),
     num_processes: int = typer.Option(int(os.environ.get("WORLD_SIZE", "1")), "--num-processes",
                                       help="With --dry-run: number of GPUs/processes to compute the arithmetic for."),
     num_items: Optional[int] = typer.Option(None, "--num-items",
@@ -232,6 +232,7 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.grpo.trackers import check_trackers
         from echoink.prompts import PromptTemplate
         from echoink.rewards import resolve_rewards
 
@@ -247,6 +248,10 @@ def train_command(
             except DatasetError as exc:
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
+        try:  # the dry run may be on another machine than the run: a missing tracker is a note here
+            check_trackers(cfg)
+        except ConfigError as exc:
+            typer.echo(f"note: {exc} (the run itself stops on this)", err=True)
         return
     from echoink.eval import training_evaluator
     from echoink.grpo.step import NonFiniteError
@@ -579,11 +584,14 @@ def aha_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),
     patterns: Optional[Path] = typer.Option(None, "--patterns",
                                             help="Text file of reflective phrases, one per line (# comments)."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
 ) -> None:
     """Mine reflective expressions ("wait", "hmm", ...) and answer revisions; write report, examples, plot."""
     from rich.console import Console
 
     from echoink.analysis.aha import load_patterns, mine_aha
+
+    _register_problem_types(problem_types)  # a run's completions are graded by their own problem type
 
     if out is None:
         out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")

@@ -583,6 +583,19 @@ def _template_digest(template: PromptTemplate) -> str:
     return hashlib.sha256(json.dumps(template.text_fields(), sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+#: `echoink eval` with stderr sent to a file: one progress line per this many answers (and one at the end).
+PROGRESS_LINE_EVERY = 50
+
+
+def _progress_line(counts: dict, total: int, elapsed: float, accuracy: str, speed: str) -> str:
+    """`eval 150/1000 answers | accuracy 62.0% | 1.23 items/s | ETA 0:11:30`"""
+    line = f"eval {counts['n']}/{total} answers | accuracy {accuracy} | {speed} items/s"
+    if counts["new"] and elapsed > 0:
+        left = round((total - counts["n"]) * elapsed / counts["new"])
+        line += f" | ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+    return line
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:117] + "..."
@@ -590,7 +603,8 @@ def _short(value: Any) -> str:
 
 @contextmanager
 def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
-    """Yield `advance(batch_rows)`; with `enabled`, a rich bar (on stderr) shows items/s and running accuracy."""
+    """Yield `advance(batch_rows)`; with `enabled`, a rich bar (on stderr) shows items/s and running accuracy,
+    or, when stderr is not a terminal (a log file), a plain line every PROGRESS_LINE_EVERY items and at the end."""
     if not enabled:
         yield lambda batch_rows: None
         return
@@ -607,15 +621,32 @@ def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
         speed = f"{counts['new'] / elapsed:.2f}" if counts["new"] and elapsed > 0 else "-"
         return {"accuracy": accuracy, "speed": speed}
 
+    def count(batch_rows: list[Row]) -> None:
+        counts["n"] += len(batch_rows)
+        counts["new"] += len(batch_rows)
+        counts["correct"] += sum(bool(row["correct"]) for row in batch_rows)
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a bar would show nothing until the end in a log file
+        last_line = {"n": counts["n"]}
+
+        def line(batch_rows: list[Row]) -> None:
+            count(batch_rows)
+            if counts["n"] - last_line["n"] >= PROGRESS_LINE_EVERY or counts["n"] >= total:
+                last_line["n"] = counts["n"]
+                console.print(_progress_line(counts, total, time.perf_counter() - started, **fields()),
+                              soft_wrap=True, highlight=False, markup=False)
+
+        yield line
+        return
+
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]} items/s"),
                TextColumn("acc {task.fields[accuracy]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("eval", total=total, completed=done, **fields())
 
         def advance(batch_rows: list[Row]) -> None:
-            counts["n"] += len(batch_rows)
-            counts["new"] += len(batch_rows)
-            counts["correct"] += sum(bool(row["correct"]) for row in batch_rows)
+            count(batch_rows)
             bar.update(task, advance=len(batch_rows), **fields())
 
         yield advance
