@@ -459,14 +459,13 @@ def metrics_command(
     Tables have one row per measure and one column per file ([1], [2], ... listed above each table), so they
     read at 80 columns.
     """
-    import json
-
     from rich.console import Console
 
     from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
     from echoink.eval.metrics_table import (breakdown_measures, comparison_measures, file_legend, measure_tables,
                                             problem_type_measures, summary_measures)
     from echoink.eval.protocols import EVAL_PROTOCOLS, echoink_fallback_counts, regrade_rows
+    from echoink.io import to_strict_json
 
     try:
         rows = {str(path): load_predictions(path) for path in predictions}
@@ -492,7 +491,7 @@ def metrics_command(
         payload = {"files": summaries}
         if against is not None:
             payload["against"] = {"baseline": baseline_name, "comparisons": comparisons}
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(to_strict_json(payload, indent=2))
         return
 
     console = Console(highlight=False)

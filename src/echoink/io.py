@@ -6,7 +6,12 @@
   ``replace_directory``): a reader never sees a half-written model or checkpoint;
 * JSON Lines logs: whole lines appended and fsynced (``append_jsonl``), so a kill can only cut the last
   line; readers either name ``file:line`` of a damaged line (``iter_jsonl``) or drop a cut last line
-  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``);
+  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``). Lines end at "\n" and
+  nowhere else (``split_jsonl_lines``): text in a value may hold U+0085, U+2028 or U+2029, which
+  ``str.splitlines`` would take for line ends;
+* strict JSON: every writer (``write_json_atomic``, ``append_jsonl``) writes a float that is not finite
+  (NaN, Infinity) as ``null`` (``to_strict_json``), so any JSON parser reads the files; readers take
+  ``null`` as "missing";
 * a full disk: a write that fails because the device is full raises ``NoSpaceLeftError`` naming the
   file or directory being written ("no space left on <path>"), and leaves what was there before intact
   (``reporting_full_disk`` does the same for writes made by other libraries); a read-only file system or
@@ -19,6 +24,7 @@ from __future__ import annotations
 import errno
 import io as _stdio
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -27,7 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = [
-    "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
+    "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "split_jsonl_lines",
+    "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl",
+    "read_jsonl_tolerant",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
@@ -169,8 +177,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, value: Any, *, indent: int | None = 2) -> Path:
-    """Write ``value`` as JSON (UTF-8, non-ASCII kept, trailing newline) to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+    """Write ``value`` as strict JSON (UTF-8, non-ASCII kept, NaN/Infinity as null, trailing newline) to
+    ``path`` atomically."""
+    return write_text_atomic(path, to_strict_json(value, indent=indent) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite (nested in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def to_strict_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as standard JSON text (non-ASCII kept): NaN, Infinity and -Infinity, which ``json.dumps``
+    would write as bare words no other parser reads, become ``null``."""
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere inside
+        return json.dumps(_finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def save_figure_atomic(figure, path: str | Path, dpi: int = 110) -> Path:
@@ -229,7 +258,7 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], handle=None) -> None:
     ``handle``: an already open append handle for ``path`` (a long run keeps one open); else the file
     is opened for this call.
     """
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+    data = "".join(to_strict_json(row) + "\n" for row in rows).encode("utf-8")
     if not data:
         return
     with reporting_full_disk(path):
@@ -262,11 +291,21 @@ def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
     return value
 
 
+def split_jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON Lines ``text``: split at "\n" only (a "\r" before it is JSON whitespace), never at the
+    other characters ``str.splitlines`` breaks on (U+000B, U+000C, U+001C-U+001E, U+0085, U+2028, U+2029),
+    which JSON leaves raw inside strings. No empty last item for a final newline."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        return split_jsonl_lines(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise JsonlError(f"{path}: not UTF-8 text (byte {error.start}); is this the right file?") from None
 
@@ -319,7 +358,7 @@ def truncate_jsonl_after(path: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in split_jsonl_lines(path.read_bytes().decode("utf-8")):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from echoink.io import split_jsonl_lines
 from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, SolutionError, describe_type, unknown_type_message
 
 __all__ = [
@@ -197,7 +198,7 @@ def _read_items(path: Path, file: str) -> tuple[list[Any] | None, list[str]]:
 def _read_json_lines(text: str, file: str) -> tuple[list[Any] | None, list[str]]:
     items: list[Any] = []
     problems: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

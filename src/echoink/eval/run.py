@@ -59,7 +59,7 @@ import torch
 from transformers import GenerationConfig
 
 from echoink.config import TrainConfig
-from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
+from echoink.io import append_jsonl, repair_cut_last_line, split_jsonl_lines, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import type_measure, wilson_interval
 from echoink.eval.protocols import protocol_settings, regrade_row
@@ -463,7 +463,7 @@ def _read_complete_rows(path: Path) -> list[Row]:
     end = len(data)
     rows: list[Row] = []
     seen: set[tuple[str, int]] = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(split_jsonl_lines(data[:end].decode("utf-8")), start=1):
         if not line.strip():
             continue
         try:
