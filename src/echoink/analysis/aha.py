@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from echoink.io import save_figure_atomic, write_text_atomic
+from echoink.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from echoink.io import JsonlError, iter_jsonl
 from echoink.problem_types import MULTIPLE_CHOICE
 from echoink.rewards import answer_letter, extract_answer, score_answer
@@ -534,5 +534,5 @@ def mine_aha(
                                              f"Reflective reasoning during training: {source.parent.name}"))
     write_text_atomic(out_dir / EXAMPLES_FILE, _examples_markdown(source, items, totals, revisions, compiled))
     report["outputs"] = outputs
-    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_json_atomic(out_dir / REPORT_FILE, report)
     return report

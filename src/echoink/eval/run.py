@@ -59,7 +59,7 @@ import torch
 from transformers import GenerationConfig
 
 from echoink.config import TrainConfig
-from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
+from echoink.io import append_jsonl, repair_cut_last_line, split_jsonl_lines, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import type_measure, wilson_interval
 from echoink.eval.protocols import protocol_settings, regrade_row
@@ -204,7 +204,10 @@ def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncat
         pred = answer_letter(reply, lenient=lenient)
         score = float(pred is not None and pred == record.answer)
     else:
-        scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        try:
+            scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        except ValueError as exc:  # a user type's score() failed or returned no score in [0, 1]
+            raise ValueError(f"{record.source}:{record.index} (problem_id {record.problem_id!r}): {exc}") from exc
         pred, score = (extract_answer(reply) if scored.parsed else None), scored.value
     row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
                 "correct": score == 1.0, "score": score, "problem_type": record.problem_type, "reply": reply,
@@ -460,7 +463,7 @@ def _read_complete_rows(path: Path) -> list[Row]:
     end = len(data)
     rows: list[Row] = []
     seen: set[tuple[str, int]] = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(split_jsonl_lines(data[:end].decode("utf-8")), start=1):
         if not line.strip():
             continue
         try:
