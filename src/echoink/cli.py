@@ -36,7 +36,16 @@ class FlagCommand(_FlagsWithoutMetavar, TyperCommand):
 
 
 class FlagGroup(_FlagsWithoutMetavar, TyperGroup):
-    pass
+    def invoke(self, ctx):
+        """Any command whose output place cannot be written ends in one line naming the path and the cause."""
+        from echoink.io import NoSpaceLeftError, UnwritableError
+
+        try:
+            return super().invoke(ctx)
+        except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
+            _fail_no_space(exc, "run the command again (an eval resumes its predictions file)")
+        except (UnwritableError, NotADirectoryError) as exc:
+            _fail(str(exc))
 
 
 # Plain click help (rich_markup_mode=None): rich's panels cut long option names and help with "..." at 80
@@ -166,7 +175,10 @@ def data_synth(
 
     from echoink.data.synth import write_synthetic_dataset
 
+    from echoink.io import check_writable
+
     chosen = [name.strip() for name in families.split(",") if name.strip()] if families else None
+    check_writable(out)
     try:
         result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
     except ValueError as exc:
@@ -259,6 +271,7 @@ def train_command(
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
     from echoink.run_lock import LockedError
+    from echoink.grpo.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     from echoink.export import write_model_card
 
@@ -267,6 +280,9 @@ def train_command(
                       evaluate=training_evaluator(cfg))
     except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError, LockedError) as exc:
         _fail(str(exc))
+    except Preempted as exc:  # SIGTERM / SIGUSR1: a checkpoint was written; 75 tells a job script to requeue
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=PREEMPTED_EXIT_STATUS)
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
     try:
@@ -503,8 +519,10 @@ def export_command(
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
+    from echoink.io import check_writable
     from echoink.model import ModelLoadError
 
+    check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
                               max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
@@ -530,7 +548,12 @@ def report_command(
 ) -> None:
     """One self-contained HTML page of a run: curves, eval tables, sample completions with their image and audio."""
     from echoink.analysis.report import write_report
+    from echoink.io import check_writable
 
+    if out is not None and out.is_dir():
+        _fail(f"--out {out}: is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}")
+    if run_dir.is_dir():
+        check_writable((out or run_dir / "report.html").parent)
     try:
         result = write_report(run_dir, predictions or [], out, max_steps=max_steps, media=media)
     except (FileNotFoundError, ValueError) as exc:
@@ -549,8 +572,14 @@ def plot_command(
     """Draw the training curves (accuracy/format reward, length, KL, reward std, eval accuracy) to a PNG."""
     from echoink.analysis.curves import plot_training_curves
 
+    from echoink.io import check_writable
+
     if out is None:
         out = (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    if out.is_dir():
+        _fail(f"--out {out}: is a directory; give the PNG file to write, e.g. --out {out / 'curves.png'}")
+    if run_dir.exists():
+        check_writable(out.parent)
     try:
         written = plot_training_curves(run_dir, out)
     except (FileNotFoundError, ValueError) as exc:
@@ -571,10 +600,14 @@ def aha_command(
 
     from echoink.analysis.aha import load_patterns, mine_aha
 
+    from echoink.io import check_writable
+
     _register_problem_types(problem_types)  # a run's completions are graded by their own problem type
 
     if out is None:
         out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")
+    if source.exists():
+        check_writable(out.parent)
     try:
         phrases = load_patterns(patterns) if patterns is not None else None
         report = mine_aha(source, out, phrases)
@@ -596,15 +629,9 @@ def aha_command(
             console.print(f"wrote {path}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    from echoink.io import NoSpaceLeftError
-
-    try:
-        app()
-    except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
-        typer.secho(f"error: {exc}" + ("" if exc.detail else ": free space, then run the command again (an eval "
-                                       "resumes its predictions file)"), fg=typer.colors.RED, err=True)
-        raise SystemExit(1) from None
+def main() -> None:  # pragma: no cover - console entry point (pyproject's [project.scripts])
+    """The `echoink` command: the app, whose command group turns write failures into one line (FlagGroup)."""
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

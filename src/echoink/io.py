@@ -14,7 +14,9 @@
   ``null`` as "missing";
 * a full disk: a write that fails because the device is full raises ``NoSpaceLeftError`` naming the
   file or directory being written ("no space left on <path>"), and leaves what was there before intact
-  (``reporting_full_disk`` does the same for writes made by other libraries).
+  (``reporting_full_disk`` does the same for writes made by other libraries); a read-only file system or
+  a permission error raises ``UnwritableError`` ("cannot write <path>: read-only file system; ...");
+  ``check_writable`` probes an output directory before any work is done.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = [
-    "JsonlError", "NoSpaceLeftError", "append_jsonl", "split_jsonl_lines", "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
+    "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "split_jsonl_lines",
+    "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl",
+    "read_jsonl_tolerant",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
@@ -56,16 +60,46 @@ class NoSpaceLeftError(OSError):
         return f"no space left on {self.filename}" + (f": {self.detail}" if self.detail else "")
 
 
+#: Why a place cannot be written (other than a full disk), each with what to do.
+UNWRITABLE_CAUSES = {
+    errno.EROFS: ("read-only file system", "choose a location on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a directory you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a directory you can write to, or fix its permissions"),
+}
+
+
+class UnwritableError(OSError):
+    """``path`` cannot be written: a read-only file system or missing permission (not a full disk).
+
+    ``str()`` is "cannot write <path>: <cause>; <what to do>"."""
+
+    def __init__(self, path: str | Path, code: int) -> None:
+        super().__init__(code, UNWRITABLE_CAUSES[code][0], str(path))
+
+    def __str__(self) -> str:
+        cause, advice = UNWRITABLE_CAUSES[self.errno]
+        return f"cannot write {self.filename}: {cause}; {advice}"
+
+
+def _errnos(error: BaseException) -> list[int]:
+    """The errno of every OSError in ``error``'s chain of causes."""
+    found, seen = [], error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            found.append(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def disk_is_full(error: BaseException, directory: str | Path) -> bool:
     """Whether ``error``, raised while writing into ``directory``, comes from a full device: an ENOSPC
-    (or EDQUOT: quota exceeded) in its chain of causes, or an I/O-like error (OSError, RuntimeError,
-    safetensors' SafetensorError) with almost no free space left on the device."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    if not (isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"):
+    (or EDQUOT: quota exceeded) in its chain of causes, or — when no errno says otherwise — an I/O-like
+    error (RuntimeError, safetensors' SafetensorError, an OSError without errno) with almost no free space
+    left on the device. A read-only file system or a permission error is never a full disk."""
+    codes = _errnos(error)
+    if errno.ENOSPC in codes or errno.EDQUOT in codes:
+        return True
+    if codes or not (isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"):
         return False
     directory = Path(directory)
     while not directory.exists() and directory != directory.parent:
@@ -82,13 +116,38 @@ def reporting_full_disk(path: str | Path) -> Iterator[None]:
     ``NoSpaceLeftError(target)`` (from the original error); other errors pass unchanged."""
     try:
         yield
-    except NoSpaceLeftError:
+    except (NoSpaceLeftError, UnwritableError):
         raise
     except Exception as error:
         target = Path(path)
         if disk_is_full(error, target if target.is_dir() else target.parent):
             raise NoSpaceLeftError(target) from error
+        unwritable = [code for code in _errnos(error) if code in UNWRITABLE_CAUSES]
+        if unwritable:
+            raise UnwritableError(target, unwritable[0]) from error
         raise
+
+
+def check_writable(directory: str | Path, what: str = "") -> Path:
+    """Create ``directory`` if needed and write (then remove) a probe file in it, before any work is done.
+
+    Raises UnwritableError (read-only file system, permission denied) or NoSpaceLeftError naming the
+    directory (``what`` says which setting it is, e.g. "output_dir"); NotADirectoryError when it is a file.
+    """
+    directory = Path(directory)
+    label = f"{what} {directory}" if what else str(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{label}: is a file, not a directory")
+    with reporting_full_disk(label):
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".echoink-probe-", dir=directory)
+        try:
+            os.write(handle, b"probe")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    return directory
 
 
 # ---- whole files ---------------------------------------------------------------------------------
@@ -96,8 +155,8 @@ def reporting_full_disk(path: str | Path) -> Iterator[None]:
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories are created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with reporting_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as temp:
@@ -175,8 +234,9 @@ def building_directory(target: str | Path) -> Iterator[Path]:
     """``with building_directory(out) as tmp:`` write files into ``tmp``; on success ``tmp`` replaces
     ``out`` (see ``replace_directory``); on any error ``tmp`` is removed and ``out`` is untouched."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with reporting_full_disk(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with reporting_full_disk(target):
             yield tmp
@@ -198,19 +258,27 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], handle=None) -> None:
     ``handle``: an already open append handle for ``path`` (a long run keeps one open); else the file
     is opened for this call.
     """
-    text = "".join(to_strict_json(row) + "\n" for row in rows)
-    if not text:
+    data = "".join(to_strict_json(row) + "\n" for row in rows).encode("utf-8")
+    if not data:
         return
     with reporting_full_disk(path):
         if handle is None:
-            with open(path, "a", encoding="utf-8") as own:
-                own.write(text)
-                own.flush()
-                os.fsync(own.fileno())
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(descriptor, data)
+            finally:
+                os.close(descriptor)
             return
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+        handle.flush()  # nothing is left in its buffer: closing it after a failed write cannot fail again
+        _write_all(handle.fileno(), data)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write every byte with os.write (no Python buffer to flush later) and fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+    os.fsync(descriptor)
 
 
 def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:

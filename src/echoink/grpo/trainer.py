@@ -31,6 +31,7 @@ from echoink.grpo.checkpoint import (
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
+from echoink.grpo.preemption import Preempted, PreemptionNotice
 from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
@@ -152,32 +153,42 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
                           rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
                           steps_to_run=arithmetic["total_steps"] - start_step)
 
-    # --- 4. the loop ---
+    # --- 4. the loop (SIGTERM / SIGUSR1: finish the step, checkpoint, exit; preemption.py) ---
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "prompts_seen": step * plan.prompts_per_step,
+                 **run_settings(config, accelerator.num_processes)}  # compared on resume
+        if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
+            state.update(data_position=data_position,
+                         prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
+        saved = save_checkpoint(accelerator, save_model, output_dir, step, state,
+                                save_total_limit=config.save_total_limit)
+        log.checkpoint_saved(step, saved)
+        return saved
+
     log.begin(start_step)  # the bar and the pace count from the resumed step
     zero_signal = ZeroSignalWatch()  # warns when several steps in a row learn nothing
-    for step in range(start_step, arithmetic["total_steps"]):
-        t0 = time.perf_counter()
-        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
-                              first_round=data_position)
-        result = grpo_step(context, prompts)
-        data_position += prompts.rounds_used
-        result.metrics["step_seconds"] = time.perf_counter() - t0
-        result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        if evaluate is not None and (step + 1) % config.eval_steps == 0:
-            result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
-        logged = log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
-        warning = zero_signal.observe(step + 1, logged)
-        if warning:
-            log.warn(warning)
-        if config.save_steps and (step + 1) % config.save_steps == 0:
-            state = {"step": step + 1, "prompts_seen": (step + 1) * plan.prompts_per_step,
-                     **run_settings(config, accelerator.num_processes)}  # compared on resume
-            if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
-                state.update(data_position=data_position,
-                             prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
-            saved = save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
-                                    save_total_limit=config.save_total_limit)
-            log.checkpoint_saved(step + 1, saved)
+    with PreemptionNotice() as notice:
+        for step in range(start_step, arithmetic["total_steps"]):
+            t0 = time.perf_counter()
+            prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
+                                  first_round=data_position)
+            result = grpo_step(context, prompts)
+            data_position += prompts.rounds_used
+            result.metrics["step_seconds"] = time.perf_counter() - t0
+            result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            if evaluate is not None and (step + 1) % config.eval_steps == 0:
+                result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
+            logged = log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+            warning = zero_signal.observe(step + 1, logged)
+            if warning:
+                log.warn(warning)
+            periodic = bool(config.save_steps) and (step + 1) % config.save_steps == 0
+            if periodic:
+                checkpoint(step + 1)
+            if notice.requested(accelerator) and step + 1 < arithmetic["total_steps"]:
+                written = output_dir / f"checkpoint-{step + 1}" if periodic else checkpoint(step + 1)
+                log.close()
+                raise Preempted(notice.signal_name, step + 1, arithmetic["total_steps"], written)
 
     # --- 5. final model ---
     final = output_dir / "final"
