@@ -478,3 +478,15 @@ def test_non_finite_logits_are_caught_before_sampling(tiny_model_dir, mixed_data
     with torch.no_grad():  # finite but huge weights overflow the norm: unusable too
         thinker.get_output_embeddings().weight[0, 0] = 3e38
     assert not weights_finite(list(thinker.parameters()))
+
+
+# ---- item 9: eval --samples in bounded memory -------------------------------------------------------------------
+
+def test_eval_samples_have_a_ceiling_checked_before_the_model_loads(mixed_dataset, tmp_path):
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    common = ["eval", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "p.jsonl")]
+    huge = CliRunner().invoke(app, [*common, "--samples", "100000000"])
+    _one_line_error(huge, "--samples 100000000 is more than 1024 answers per problem")
+    wide = CliRunner().invoke(app, [*common, "--samples", "1024", "--batch-size", "8"])
+    _one_line_error(wide, "--batch-size 8 x --samples 1024 = 8192 replies generated at once, more than 4096; "
+                          "lower --batch-size to at most 4")
