@@ -432,3 +432,61 @@ def test_user_scores_are_numbers_in_0_1_in_training_and_evaluation(user_modules,
     training = CliRunner().invoke(app, _train_args(tiny_model_dir, mixed_dataset, tmp_path / "run", "max_steps=1",
                                                    f"train_data={data}", f"problem_types=[{spec}]", "--quiet"))
     _one_line_error(training, f"record {data}:", f"problem type '{module}' ({spec}): {what}")
+
+
+# ---- item 8: nothing non-finite reaches a rollout -----------------------------------------------------------------
+
+def test_learning_rates_above_one_need_a_named_setting():
+    with pytest.raises(ConfigError, match=r"learning_rate=1e\+30 is above 1, .* set allow_large_learning_rate=true"):
+        load_config(None, ["learning_rate=1e30"])
+    assert load_config(None, ["learning_rate=1e30", "allow_large_learning_rate=true"]).learning_rate == 1e30
+
+
+def test_weights_that_an_update_ruins_stop_the_run_before_the_next_rollout(tiny_model_dir, mixed_dataset, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, _train_args(tiny_model_dir, mixed_dataset, out, "max_steps=3", "save_steps=1",
+                                                 "learning_rate=1e30", "allow_large_learning_rate=true",
+                                                 "max_grad_norm=0", "--quiet",
+                                                 "reward_funcs=[_train_worker:spread_reward,format]"))
+    flat = _one_line_error(result, "step 1: the weights after this step's update are not finite (or overflow); "
+                                   "the run stopped before the next rollout. Likely setting: learning_rate=1e+30",
+                           "no checkpoint was written before it")
+    assert "probability tensor" not in flat and not (out / "final").exists()
+
+
+def test_non_finite_logits_are_caught_before_sampling(tiny_model_dir, mixed_dataset):
+    from echoink.data import load_dataset
+    from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError, weights_finite
+    from echoink.grpo.rollout import sample_group
+    from echoink.model import load_thinker
+    from echoink.model.generation import SamplingSettings
+    from echoink.model.inputs import encode_prompt
+
+    thinker, processor = load_thinker(tiny_model_dir)
+    record = [r for r in load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")
+              if r.data_type == "text"][0]
+    prompt = encode_prompt(record, processor)
+    assert weights_finite(list(thinker.parameters()))
+    with torch.no_grad():
+        thinker.get_output_embeddings().weight[0, 0] = float("nan")
+    assert not weights_finite(list(thinker.parameters()))
+    for share_prefill in (False, True):
+        with pytest.raises(NonFiniteModelError, match="logits before sampling are not finite"):
+            with LogitsGuard(thinker):
+                sample_group(thinker, prompt, SamplingSettings(2, 4, 1.0, 1.0, None), processor.tokenizer,
+                             share_prefill=share_prefill)
+    with torch.no_grad():  # finite but huge weights overflow the norm: unusable too
+        thinker.get_output_embeddings().weight[0, 0] = 3e38
+    assert not weights_finite(list(thinker.parameters()))
+
+
+# ---- item 9: eval --samples in bounded memory -------------------------------------------------------------------
+
+def test_eval_samples_have_a_ceiling_checked_before_the_model_loads(mixed_dataset, tmp_path):
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    common = ["eval", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "p.jsonl")]
+    huge = CliRunner().invoke(app, [*common, "--samples", "100000000"])
+    _one_line_error(huge, "--samples 100000000 is more than 1024 answers per problem")
+    wide = CliRunner().invoke(app, [*common, "--samples", "1024", "--batch-size", "8"])
+    _one_line_error(wide, "--batch-size 8 x --samples 1024 = 8192 replies generated at once, more than 4096; "
+                          "lower --batch-size to at most 4")

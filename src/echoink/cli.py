@@ -396,6 +396,7 @@ def eval_command(
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
+    from echoink.eval.metrics_table import eval_summary_lines
     from echoink.eval.run import RunSignatureError, evaluate
     from echoink.model import ModelLoadError
     from echoink.run_lock import LockedError
@@ -432,15 +433,8 @@ def eval_command(
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
-    accuracy = summary["accuracy"]
-    headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])
-    typer.echo(f"accuracy {headline} % over {summary['n']} answers to {summary['n_problems']} problems "
-               f"(95% Wilson; protocol {protocol}); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
-               f"format {100 * (summary['format_rate'] or 0):.1f}%, "
-               f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
-    for kind, block in summary.get("by_problem_type", {}).items():
-        typer.echo(f"  {kind}: {block['measure']} {_ci_text(block['value'], block['ci_low'], block['ci_high'])} % "
-                   f"over {block['n']} answers, unparsed {100 * block['unparsed_rate']:.1f}%")
+    for line in eval_summary_lines(summary, protocol):
+        typer.echo(line)
     if summary["skipped"]:
         typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
                    f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
@@ -469,12 +463,6 @@ def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, gi
     return {"template": settings.template, "media_options": settings.media}
 
 
-def _ci_text(value: float, low: float, high: float) -> str:
-    from echoink.eval.metrics_table import percent_ci
-
-    return percent_ci(value, low, high)
-
-
 @app.command("metrics", cls=FlagCommand)
 def metrics_command(
     predictions: list[Path] = typer.Argument(..., help="One or more predictions.jsonl files (one column each)."),
@@ -493,8 +481,7 @@ def metrics_command(
     from rich.console import Console
 
     from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
-    from echoink.eval.metrics_table import (breakdown_measures, comparison_measures, file_legend, measure_tables,
-                                            problem_type_measures, summary_measures)
+    from echoink.eval.metrics_table import comparison_measures, file_legend, group_tables, measure_tables, summary_measures
     from echoink.eval.protocols import EVAL_PROTOCOLS, echoink_fallback_counts, regrade_rows
     from echoink.io import to_strict_json
 
@@ -530,15 +517,8 @@ def metrics_command(
     for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
                                 {name: summary_measures(s) for name, s in summaries.items()}):
         console.print(table)
-    breakdowns = {name: breakdown_measures(s) for name, s in summaries.items()}
-    if any(breakdowns.values()):
-        for table in measure_tables("Breakdown (accuracy in %, 95% Wilson interval)", breakdowns):
-            console.print(table)
-    by_type = {name: problem_type_measures(s) for name, s in summaries.items()}
-    if any(by_type.values()):
-        for table in measure_tables("Per problem type (in %; accuracy: 95% Wilson, mean score: 95% bootstrap)",
-                                    by_type):
-            console.print(table)
+    for table in group_tables(summaries):
+        console.print(table)
     if comparisons:
         console.print(f"baseline: {baseline_name}", soft_wrap=True)
         per_file = {name: comparison_measures(c) for name, c in comparisons.items()}
@@ -567,6 +547,14 @@ def export_command(
     predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
                                                      help="echoink eval output(s) to report in the model card "
                                                           "(repeatable)."),
+    base_model_id: Optional[str] = typer.Option(None, "--base-model-id",
+                                                help="The base's Hub id for the card's base_model, e.g. "
+                                                     "Qwen/Qwen2.5-Omni-7B (a local path is never written there)."),
+    dataset_id: Optional[str] = typer.Option(None, "--dataset-id",
+                                             help="The training data's Hub id for the card's datasets."),
+    license_id: Optional[str] = typer.Option(None, "--license",
+                                             help="The card's license (a Hub license id such as apache-2.0; "
+                                                  "default: the base's own card's, else other)."),
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
@@ -576,7 +564,9 @@ def export_command(
     check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
-                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or (),
+                              card_ids={"base_model_id": base_model_id, "dataset_id": dataset_id,
+                                        "license": license_id})
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
     merged = ", LoRA merged" if result.merged_lora else ""

@@ -119,6 +119,8 @@ class TrainConfig:
     adam_beta1: float = _optim(0.9, "AdamW beta1.")
     adam_beta2: float = _optim(0.999, "AdamW beta2.")
     adam_epsilon: float = _optim(1e-8, "AdamW epsilon.")
+    allow_large_learning_rate: bool = _optim(False, "Accept learning_rate above 1 (refused otherwise: almost "
+                                                    "always a typo).")
     max_grad_norm: float = _optim(5.0, "Clip the gradient norm to this (0: no clipping).")
     max_consecutive_nonfinite_steps: int = _optim(3, "Updates with a non-finite loss or gradient are skipped; "
                                                      "stop after this many in a row (0: never).")
@@ -214,6 +216,10 @@ class TrainConfig:
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 or null, got {self.top_k}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.learning_rate <= 1 or self.allow_large_learning_rate,
+              f"learning_rate={self.learning_rate} is above 1, which ruins the weights at the first update (AdamW "
+              "moves each weight by about the learning rate); fine-tuning uses 1e-7 to 1e-3. If you mean it, "
+              "set allow_large_learning_rate=true")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.per_device_train_batch_size >= 1,
               f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")

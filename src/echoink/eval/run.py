@@ -247,6 +247,11 @@ def evaluate(
     if unknown:
         raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
     sampling_settings(**{k: v for k, v in settings.items() if k in _SAMPLING_ARGS})
+    samples, batch_size = settings.get("samples", 1), settings.get("batch_size", 8)
+    if isinstance(samples, int) and isinstance(batch_size, int) and samples * batch_size > MAX_SEQUENCES_PER_CALL:
+        raise ValueError(f"--batch-size {batch_size} x --samples {samples} = {batch_size * samples} replies generated "
+                         f"at once, more than {MAX_SEQUENCES_PER_CALL}; lower --batch-size to at most "
+                         f"{max(1, MAX_SEQUENCES_PER_CALL // samples)}")
     ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
@@ -362,9 +367,18 @@ _EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
     "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
 
 
+#: The most answers per problem (`--samples`), and the most sequences one generate call may hold
+#: (`--batch-size` x `--samples`): the replies of a batch are generated together, so these bound the memory.
+MAX_EVAL_SAMPLES = 1024
+MAX_SEQUENCES_PER_CALL = 4096
+
+
 def sampling_settings(greedy: bool = True, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, seed: int = 0, max_new_tokens: int = 256) -> SamplingSettings:
     """Evaluation's decoding arguments (`samples` = K answers per problem) as the shared settings type."""
+    if isinstance(samples, int) and samples > MAX_EVAL_SAMPLES:
+        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem (each "
+                         f"problem's answers are generated together); use at most {MAX_EVAL_SAMPLES}")
     return SamplingSettings(num_generations=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, greedy=greedy, seed=seed)
 

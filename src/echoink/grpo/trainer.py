@@ -22,6 +22,7 @@ from echoink.data import load_dataset
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import (
     changed_settings,
+    latest_checkpoint,
     choose_resume_checkpoint,
     load_checkpoint_state,
     run_settings,
@@ -31,12 +32,13 @@ from echoink.grpo.checkpoint import (
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
+from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError
 from echoink.grpo.preemption import Preempted, PreemptionNotice
 from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
-from echoink.grpo.step import StepContext, grpo_step
+from echoink.grpo.step import NonFiniteError, StepContext, grpo_step
 from echoink.grpo.zero_signal import ZeroSignalWatch
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
@@ -176,7 +178,11 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
             t0 = time.perf_counter()
             prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
                                   first_round=data_position)
-            result = grpo_step(context, prompts)
+            try:
+                with LogitsGuard(thinker):  # nothing non-finite reaches a rollout (nonfinite.py)
+                    result = grpo_step(context, prompts)
+            except NonFiniteModelError as exc:
+                raise NonFiniteError(_nonfinite_message(exc, step + 1, config)) from None
             data_position += prompts.rounds_used
             result.metrics["step_seconds"] = time.perf_counter() - t0
             result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
@@ -221,3 +227,12 @@ def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:
         thinker.train(was_training)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _nonfinite_message(error: Exception, step: int, config: TrainConfig) -> str:
+    """The one line for weights or logits that stopped being finite: the step, the checkpoint, the setting."""
+    last = latest_checkpoint(config.output_dir)
+    resume = (f"the last good checkpoint is {last}: resume from it with a lower learning_rate" if last is not None
+              else "no checkpoint was written before it: start again with a lower learning_rate")
+    return (f"step {step}: {error}; the run stopped before the next rollout. Likely setting: learning_rate="
+            f"{config.learning_rate} (max_grad_norm={config.max_grad_norm}); {resume}")
