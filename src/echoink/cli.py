@@ -517,6 +517,14 @@ def export_command(
     predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
                                                      help="echoink eval output(s) to report in the model card "
                                                           "(repeatable)."),
+    base_model_id: Optional[str] = typer.Option(None, "--base-model-id",
+                                                help="The base's Hub id for the card's base_model, e.g. "
+                                                     "Qwen/Qwen2.5-Omni-7B (a local path is never written there)."),
+    dataset_id: Optional[str] = typer.Option(None, "--dataset-id",
+                                             help="The training data's Hub id for the card's datasets."),
+    license_id: Optional[str] = typer.Option(None, "--license",
+                                             help="The card's license (a Hub license id such as apache-2.0; "
+                                                  "default: the base's own card's, else other)."),
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
@@ -526,7 +534,9 @@ def export_command(
     check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
-                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or (),
+                              card_ids={"base_model_id": base_model_id, "dataset_id": dataset_id,
+                                        "license": license_id})
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
     merged = ", LoRA merged" if result.merged_lora else ""

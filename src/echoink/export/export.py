@@ -82,13 +82,15 @@ def thinker_key(name: str) -> str:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | Path | None = None,
                  layout: str = "full", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 run_dir: str | Path | None = None, predictions: Sequence[str | Path] = ()) -> ExportResult:
+                 run_dir: str | Path | None = None, predictions: Sequence[str | Path] = (),
+                 card_ids: dict[str, str | None] | None = None) -> ExportResult:
     """Export the trained model in `model_dir` to `out_dir` (see the module docstring); returns what was written.
 
     `base_dir`: the base checkpoint in the published full layout (required for layout "full"; for "thinker" it
     is only compared against when given). `run_dir`: the training run whose logs the model card summarises
     (default: the directory above `model_dir` when it holds metrics.jsonl). `predictions`: `echoink eval` outputs
-    whose accuracy the card reports.
+    whose accuracy the card reports. `card_ids`: the card's `base_model_id`, `dataset_id` and `license` (Hub
+    ids; see `write_model_card`).
     Raises ExportError (one line) before writing anything when the inputs do not fit together.
     """
     from echoink.export.model_card import write_model_card
@@ -127,7 +129,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
                 _write_full(trained, base, tmp, max_shard_bytes, result)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
                              layout=layout, trained_from=str(model_dir) if not merged_lora else None,
-                             predictions=predictions, name=out_dir.name)
+                             predictions=predictions, name=out_dir.name, **(card_ids or {}))
     return result
 
 
