@@ -120,6 +120,7 @@ def data_validate(
     """Validate a dataset file and print statistics; exit 1 on any problem."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from echoink.config import ConfigError, load_config
     from echoink.data.report import build_report
@@ -131,10 +132,10 @@ def data_validate(
             _fail(str(exc))
     _register_problem_types(problem_types)
 
-    console = Console()
+    console = Console(markup=False, highlight=False)  # user text (paths, values) printed literally: "[nan, 3]" too
     report = build_report(path, check_media=check_media)
     for problem in report.problems:
-        console.print(f"[red]error[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error", "red"), " ", problem), soft_wrap=True)
 
     table = Table(title=f"{path} — {len(report.records)} valid record(s)", show_header=True)
     table.add_column("statistic")
@@ -154,9 +155,9 @@ def data_validate(
     table.add_row("media decoded", "yes" if report.media_checked else "no (use --check-media)")
     console.print(table)
     if not report.ok:
-        console.print(f"[red]{len(report.problems)} problem(s) found[/red]")
+        console.print(f"{len(report.problems)} problem(s) found", style="red")
         raise typer.Exit(code=1)
-    console.print("[green]ok[/green]")
+    console.print("ok", style="green")
 
 
 @data_app.command("synth", cls=FlagCommand)
@@ -183,7 +184,7 @@ def data_synth(
         result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
     except ValueError as exc:
         _fail(str(exc))
-    console = Console()
+    console = Console(markup=False)
     for split, info in result["splits"].items():
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(info["families"].items()))
         console.print(f"{split}: {info['count']} items -> {info['json']}  ({mix})", highlight=False)
@@ -206,7 +207,7 @@ def data_convert_omniinstruct(
         report = convert_omniinstruct(source, split, out)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    Console().print(report.summary(), highlight=False)
+    Console(markup=False).print(report.summary(), highlight=False)
 
 
 # ---- training commands ------------------------------------------------------------------------
@@ -512,7 +513,7 @@ def metrics_command(
         typer.echo(to_strict_json(payload, indent=2))
         return
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # file names and groups printed literally
     console.print(file_legend(list(summaries)), soft_wrap=True)
     for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
                                 {name: summary_measures(s) for name, s in summaries.items()}):
@@ -654,7 +655,7 @@ def aha_command(
         report = mine_aha(source, out, phrases)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     revisions = report["revisions"]
     console.print(f"{report['n_completions']} completions ({report['kind']}): "
                   f"{100 * report['reflection_rate']:.1f}% with a reflective expression, "
