@@ -149,7 +149,7 @@ def test_3_resume_falls_back_past_a_corrupt_newest_checkpoint(accelerator, tmp_p
     (lambda c: (c / STATE_FILE).write_text('[2]'), f"{STATE_FILE}: expected a JSON object, got list"),
     (lambda c: (c / STATE_FILE).write_text('{"step": 2, "data_position": 1.5}'),
      f'{STATE_FILE}: "data_position" must be a non-negative integer, got 1.5'),
-    (lambda c: (c / STATE_FILE).write_bytes(b'{"step": \xff}'), f"{STATE_FILE}: not valid JSON"),
+    (lambda c: (c / STATE_FILE).write_bytes(b'{"step": \xff}'), f"{STATE_FILE}: not UTF-8 text"),
     (lambda c: (c / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors: unreadable safetensors file"),
 ])
 def test_3_each_damaged_file_is_named(accelerator, tmp_path, damage, named):
@@ -546,8 +546,8 @@ def test_11_full_disk_while_writing_eval_predictions(tmp_path, tiny_model_dir, m
     real_fsync, calls = os.fsync, []
 
     def full_after_the_run_signature(fd):          # predictions.jsonl.run.json is written first, then the rows
-        calls.append(fd)
-        if len(calls) > 1:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(predictions.resolve()):
+            calls.append(fd)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 

@@ -36,7 +36,16 @@ class FlagCommand(_FlagsWithoutMetavar, TyperCommand):
 
 
 class FlagGroup(_FlagsWithoutMetavar, TyperGroup):
-    pass
+    def invoke(self, ctx):
+        """Any command whose output place cannot be written ends in one line naming the path and the cause."""
+        from echoink.io import NoSpaceLeftError, UnwritableError
+
+        try:
+            return super().invoke(ctx)
+        except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
+            _fail_no_space(exc, "run the command again (an eval resumes its predictions file)")
+        except (UnwritableError, NotADirectoryError) as exc:
+            _fail(str(exc))
 
 
 # Plain click help (rich_markup_mode=None): rich's panels cut long option names and help with "..." at 80
@@ -112,6 +121,7 @@ def data_validate(
     """Validate a dataset file and print statistics; exit 1 on any problem."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from echoink.config import ConfigError, load_config
     from echoink.data.report import build_report
@@ -123,10 +133,10 @@ def data_validate(
             _fail(str(exc))
     _register_problem_types(problem_types)
 
-    console = Console()
+    console = Console(markup=False, highlight=False)  # user text (paths, values) printed literally: "[nan, 3]" too
     report = build_report(path, check_media=check_media)
     for problem in report.problems:
-        console.print(f"[red]error[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error", "red"), " ", problem), soft_wrap=True)
 
     table = Table(title=f"{path} — {len(report.records)} valid record(s)", show_header=True)
     table.add_column("statistic")
@@ -146,9 +156,9 @@ def data_validate(
     table.add_row("media decoded", "yes" if report.media_checked else "no (use --check-media)")
     console.print(table)
     if not report.ok:
-        console.print(f"[red]{len(report.problems)} problem(s) found[/red]")
+        console.print(f"{len(report.problems)} problem(s) found", style="red")
         raise typer.Exit(code=1)
-    console.print("[green]ok[/green]")
+    console.print("ok", style="green")
 
 
 @data_app.command("synth", cls=FlagCommand)
@@ -167,12 +177,15 @@ def data_synth(
 
     from echoink.data.synth import write_synthetic_dataset
 
+    from echoink.io import check_writable
+
     chosen = [name.strip() for name in families.split(",") if name.strip()] if families else None
+    check_writable(out)
     try:
         result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
     except ValueError as exc:
         _fail(str(exc))
-    console = Console()
+    console = Console(markup=False)
     for split, info in result["splits"].items():
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(info["families"].items()))
         console.print(f"{split}: {info['count']} items -> {info['json']}  ({mix})", highlight=False)
@@ -195,7 +208,7 @@ def data_convert_omniinstruct(
         report = convert_omniinstruct(source, split, out)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    Console().print(report.summary(), highlight=False)
+    Console(markup=False).print(report.summary(), highlight=False)
 
 
 # ---- training commands ------------------------------------------------------------------------
@@ -206,7 +219,7 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: a plain line per logged step."),
     num_processes: int = typer.Option(int(os.environ.get("WORLD_SIZE", "1")), "--num-processes",
                                       help="With --dry-run: number of GPUs/processes to compute the arithmetic for."),
     num_items: Optional[int] = typer.Option(None, "--num-items",
@@ -233,6 +246,7 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.grpo.trackers import check_trackers
         from echoink.prompts import PromptTemplate
         from echoink.rewards import resolve_rewards
 
@@ -248,6 +262,10 @@ def train_command(
             except DatasetError as exc:
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
+        try:  # the dry run may be on another machine than the run: a missing tracker is a note here
+            check_trackers(cfg)
+        except ConfigError as exc:
+            typer.echo(f"note: {exc} (the run itself stops on this)", err=True)
         return
     from echoink.eval.run import training_evaluator
     from echoink.grpo.step import NonFiniteError
@@ -255,6 +273,7 @@ def train_command(
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
     from echoink.run_lock import LockedError
+    from echoink.grpo.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     from echoink.export import write_model_card
 
@@ -263,6 +282,9 @@ def train_command(
                       evaluate=training_evaluator(cfg))
     except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError, LockedError) as exc:
         _fail(str(exc))
+    except Preempted as exc:  # SIGTERM / SIGUSR1: a checkpoint was written; 75 tells a job script to requeue
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=PREEMPTED_EXIT_STATUS)
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
     try:
@@ -363,11 +385,20 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="A run's config.resolved.json (or training YAML): prompt with its "
+                                               "template, media caps and problem types instead of those saved "
+                                               "with the model (echoink_prompt.json)."),
 ) -> None:
-    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
+    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy.
+
+    With --protocol ours a trained model is prompted as it was trained: the prompt template and media caps
+    saved with it (echoink_prompt.json), or those of --config; the first line says which.
+    """
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
+    from echoink.eval.metrics_table import eval_summary_lines
     from echoink.eval.run import evaluate
     from echoink.eval.run_files import RunSignatureError
     from echoink.model import ModelLoadError
@@ -376,6 +407,7 @@ def eval_command(
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+    prompt = _eval_prompt_settings(model, config, protocol, given_problem_types=bool(problem_types))
     sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k}
     if protocol == "echoink":
         fixed = [name for name, value in {**sampling_options, "--max-new-tokens": max_new_tokens}.items()
@@ -400,29 +432,38 @@ def eval_command(
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
             top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens or 256, ablate=ablate,
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
-            protocol=protocol, base_model=base_model,
+            protocol=protocol, base_model=base_model, **prompt,
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
-    accuracy = summary["accuracy"]
-    headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])
-    typer.echo(f"accuracy {headline} % over {summary['n']} answers to {summary['n_problems']} problems "
-               f"(95% Wilson; protocol {protocol}); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
-               f"format {100 * (summary['format_rate'] or 0):.1f}%, "
-               f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
-    for kind, block in summary.get("by_problem_type", {}).items():
-        typer.echo(f"  {kind}: {block['measure']} {_ci_text(block['value'], block['ci_low'], block['ci_high'])} % "
-                   f"over {block['n']} answers, unparsed {100 * block['unparsed_rate']:.1f}%")
+    for line in eval_summary_lines(summary, protocol):
+        typer.echo(line)
     if summary["skipped"]:
         typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
                    f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
 
 
-def _ci_text(value: float, low: float, high: float) -> str:
-    from echoink.eval.metrics_table import percent_ci
+def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, given_problem_types: bool) -> dict:
+    """evaluate()'s template and media_options for --protocol ours (printed with where they came from);
+    nothing for --protocol echoink, which fixes its own."""
+    from echoink.model.prompt_settings import PromptSettingsError, settings_for_eval
 
-    return percent_ci(value, low, high)
+    if protocol != "ours":
+        if config is not None:
+            _fail(f"--protocol {protocol} uses its own prompt and media caps: drop --config")
+        return {}
+    try:
+        settings, source = settings_for_eval(model, config)
+    except PromptSettingsError as exc:
+        _fail(str(exc))
+    if settings.problem_types and config is not None:
+        _register_problem_types(list(settings.problem_types))  # a config the user named: as train does
+    elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
+        _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
+              f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
+    typer.echo(f"{settings.describe()} ({source})")
+    return {"template": settings.template, "media_options": settings.media}
 
 
 @app.command("metrics", cls=FlagCommand)
@@ -440,14 +481,12 @@ def metrics_command(
     Tables have one row per measure and one column per file ([1], [2], ... listed above each table), so they
     read at 80 columns.
     """
-    import json
-
     from rich.console import Console
 
     from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
-    from echoink.eval.metrics_table import (breakdown_measures, comparison_measures, file_legend, measure_tables,
-                                            problem_type_measures, summary_measures)
+    from echoink.eval.metrics_table import comparison_measures, file_legend, group_tables, measure_tables, summary_measures
     from echoink.eval.protocols import EVAL_PROTOCOLS, echoink_fallback_counts, regrade_rows
+    from echoink.io import to_strict_json
 
     try:
         rows = {str(path): load_predictions(path) for path in predictions}
@@ -473,23 +512,16 @@ def metrics_command(
         payload = {"files": summaries}
         if against is not None:
             payload["against"] = {"baseline": baseline_name, "comparisons": comparisons}
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(to_strict_json(payload, indent=2))
         return
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # file names and groups printed literally
     console.print(file_legend(list(summaries)), soft_wrap=True)
     for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
                                 {name: summary_measures(s) for name, s in summaries.items()}):
         console.print(table)
-    breakdowns = {name: breakdown_measures(s) for name, s in summaries.items()}
-    if any(breakdowns.values()):
-        for table in measure_tables("Breakdown (accuracy in %, 95% Wilson interval)", breakdowns):
-            console.print(table)
-    by_type = {name: problem_type_measures(s) for name, s in summaries.items()}
-    if any(by_type.values()):
-        for table in measure_tables("Per problem type (in %; accuracy: 95% Wilson, mean score: 95% bootstrap)",
-                                    by_type):
-            console.print(table)
+    for table in group_tables(summaries):
+        console.print(table)
     if comparisons:
         console.print(f"baseline: {baseline_name}", soft_wrap=True)
         per_file = {name: comparison_measures(c) for name, c in comparisons.items()}
@@ -518,14 +550,26 @@ def export_command(
     predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
                                                      help="echoink eval output(s) to report in the model card "
                                                           "(repeatable)."),
+    base_model_id: Optional[str] = typer.Option(None, "--base-model-id",
+                                                help="The base's Hub id for the card's base_model, e.g. "
+                                                     "Qwen/Qwen2.5-Omni-7B (a local path is never written there)."),
+    dataset_id: Optional[str] = typer.Option(None, "--dataset-id",
+                                             help="The training data's Hub id for the card's datasets."),
+    license_id: Optional[str] = typer.Option(None, "--license",
+                                             help="The card's license (a Hub license id such as apache-2.0; "
+                                                  "default: the base's own card's, else other)."),
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
+    from echoink.io import check_writable
     from echoink.model import ModelLoadError
 
+    check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
-                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or (),
+                              card_ids={"base_model_id": base_model_id, "dataset_id": dataset_id,
+                                        "license": license_id})
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
     merged = ", LoRA merged" if result.merged_lora else ""
@@ -548,7 +592,12 @@ def report_command(
 ) -> None:
     """One self-contained HTML page of a run: curves, eval tables, sample completions with their image and audio."""
     from echoink.analysis.report import write_report
+    from echoink.io import check_writable
 
+    if out is not None and out.is_dir():
+        _fail(f"--out {out}: is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}")
+    if run_dir.is_dir():
+        check_writable((out or run_dir / "report.html").parent)
     try:
         result = write_report(run_dir, predictions or [], out, max_steps=max_steps, media=media)
     except (FileNotFoundError, ValueError) as exc:
@@ -567,8 +616,14 @@ def plot_command(
     """Draw the training curves (accuracy/format reward, length, KL, reward std, eval accuracy) to a PNG."""
     from echoink.analysis.curves import plot_training_curves
 
+    from echoink.io import check_writable
+
     if out is None:
         out = (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    if out.is_dir():
+        _fail(f"--out {out}: is a directory; give the PNG file to write, e.g. --out {out / 'curves.png'}")
+    if run_dir.exists():
+        check_writable(out.parent)
     try:
         written = plot_training_curves(run_dir, out)
     except (FileNotFoundError, ValueError) as exc:
@@ -582,20 +637,27 @@ def aha_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),
     patterns: Optional[Path] = typer.Option(None, "--patterns",
                                             help="Text file of reflective phrases, one per line (# comments)."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
 ) -> None:
     """Mine reflective expressions ("wait", "hmm", ...) and answer revisions; write report, examples, plot."""
     from rich.console import Console
 
     from echoink.analysis.aha import load_patterns, mine_aha
 
+    from echoink.io import check_writable
+
+    _register_problem_types(problem_types)  # a run's completions are graded by their own problem type
+
     if out is None:
         out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")
+    if source.exists():
+        check_writable(out.parent)
     try:
         phrases = load_patterns(patterns) if patterns is not None else None
         report = mine_aha(source, out, phrases)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     revisions = report["revisions"]
     console.print(f"{report['n_completions']} completions ({report['kind']}): "
                   f"{100 * report['reflection_rate']:.1f}% with a reflective expression, "
@@ -611,15 +673,9 @@ def aha_command(
             console.print(f"wrote {path}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    from echoink.io import NoSpaceLeftError
-
-    try:
-        app()
-    except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
-        typer.secho(f"error: {exc}" + ("" if exc.detail else ": free space, then run the command again (an eval "
-                                       "resumes its predictions file)"), fg=typer.colors.RED, err=True)
-        raise SystemExit(1) from None
+def main() -> None:  # pragma: no cover - console entry point (pyproject's [project.scripts])
+    """The `echoink` command: the app, whose command group turns write failures into one line (FlagGroup)."""
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,8 +3,8 @@
     with hold_lock(directory_lock(output_dir), f"output_dir {output_dir}"):
         ...   # the whole run
 
-The lock is a small file (`<dir>/.echoink.lock`, `<predictions>.lock`) that is never deleted. Holding it means
-both of these:
+The lock is a small file (`<dir>/.echoink.lock`, `<predictions>.lock`), removed when its holder ends normally
+(a killed holder leaves it behind, recognised as stale). Holding it means both of these:
 
 * an exclusive `flock` on it, which the kernel drops when the holder exits in any way (a kill included), so a
   killed run never blocks its own resume on the same host;
@@ -38,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from echoink.io import check_writable, reporting_full_disk
+
 __all__ = ["LockedError", "directory_lock", "file_lock", "hold_lock", "is_main_launch_process"]
 
 LOCK_NAME = ".echoink.lock"
@@ -45,7 +47,7 @@ HEARTBEAT_SECONDS = 20.0
 STALE_AFTER_SECONDS = 120.0
 
 
-class LockedError(RuntimeError):
+class LockedError(Exception):
     """Another process holds the lock; the message names it (pid, host, start time) and what to do."""
 
 
@@ -75,10 +77,9 @@ def hold_lock(path: str | Path, what: str) -> Iterator[Path]:
     `what` names the locked thing in the message ("output_dir /runs/a", "predictions file p.jsonl").
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    check_writable(path.parent)  # a read-only or full place: one line now, before any work
+    handle = _open_and_take(path, what)
     try:
-        _take(handle, path, what)
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(handle, stop), daemon=True, name="echoink-lock")
         beat.start()
@@ -87,12 +88,37 @@ def hold_lock(path: str | Path, what: str) -> Iterator[Path]:
         finally:
             stop.set()
             beat.join()
-            try:
+            try:  # removed while still held: whoever opened it meanwhile sees another file and tries again
                 _write_holder(handle, {"released": _now()})
+                path.unlink(missing_ok=True)
             except OSError:  # a full disk: the flock still drops; another host waits for the heartbeat to age
                 pass
     finally:
         os.close(handle)  # drops the flock
+
+
+def _open_and_take(path: Path, what: str) -> int:
+    """Open (or create) the lock file and take it; the descriptor stays open while the lock is held."""
+    for _ in range(10):
+        with reporting_full_disk(path):
+            handle = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _take(handle, path, what)
+                if _same_file(handle, path):
+                    return handle
+            except BaseException:
+                os.close(handle)
+                raise
+        os.close(handle)  # the holder removed it as we opened it: take the new one
+    raise LockedError(f"{what}: its lock file {path} keeps being replaced; is another program deleting it?")
+
+
+def _same_file(handle: int, path: Path) -> bool:
+    try:
+        opened, named = os.fstat(handle), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
 
 
 def _take(handle: int, path: Path, what: str) -> None:

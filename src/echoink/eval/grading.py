@@ -35,7 +35,10 @@ def prediction_row(record: Record, sample_idx: int, reply: str, reply_tokens: in
         pred = answer_letter(reply, lenient=lenient)
         score = float(pred is not None and pred == record.answer)
     else:
-        scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        try:
+            scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        except ValueError as exc:  # a user type's score() failed or returned no score in [0, 1]
+            raise ValueError(f"{record.source}:{record.index} (problem_id {record.problem_id!r}): {exc}") from exc
         pred, score = (extract_answer(reply) if scored.parsed else None), scored.value
     row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
                 "correct": score == 1.0, "score": score, "problem_type": record.problem_type, "reply": reply,

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from echoink.io import repair_cut_last_line, write_json_atomic
+from echoink.io import repair_cut_last_line, split_jsonl_lines, write_json_atomic
 
 if TYPE_CHECKING:  # names for the annotations only: analysis reads this module without loading model code
     from echoink.model.generation import SamplingSettings
@@ -104,7 +104,7 @@ def read_complete_rows(path: Path) -> list[Row]:
     end = len(data)
     rows: list[Row] = []
     seen: set[tuple[str, int]] = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(split_jsonl_lines(data[:end].decode("utf-8")), start=1):
         if not line.strip():
             continue
         try:

@@ -41,7 +41,8 @@ from echoink.grpo.distributed import (
 )
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
-from echoink.grpo.sampling import PromptRound, GroupSelection, StepPrompts, informative, skips_zero_advantage_groups
+from echoink.grpo.nonfinite import NonFiniteModelError, weights_finite
+from echoink.grpo.sampling import GroupSelection, PromptRound, StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step_metrics import step_metrics
@@ -81,6 +82,10 @@ class StepContext:
     steps_to_run: int | None = None  # steps this run (or resumed run) will take: a shorter run decides skips at its end
     prompt_skips: PromptSkips = field(init=False)  # prompts over max_prompt_length; too many early on stop the run
     record_skips: RecordSkips = field(init=False)  # records whose media fail to decode: named, up to a limit
+
+    @property
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def __post_init__(self) -> None:
         prompts_per_step = (self.config.per_device_train_batch_size * self.accelerator.num_processes
@@ -305,6 +310,8 @@ def update(context: StepContext, batch: CollectedBatch) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if _any_process(accelerator, not weights_finite(context.trained_parameters)):  # before the next rollout
+            raise NonFiniteModelError("the weights after this step's update are not finite (or overflow)")
     _count_nonfinite(context, nonfinite_updates)
     metrics = {key: sum(s[key] for s in loss_stats) / len(loss_stats) for key in (loss_stats[0] if loss_stats else {})}
     metrics.update({"grad_norm": grad_norm, "nonfinite_steps": float(nonfinite_updates > 0),

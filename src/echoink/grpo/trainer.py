@@ -10,7 +10,6 @@ accelerate (`distributed.py` holds what the back-ends need); groups stay whole o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +22,7 @@ from echoink.data import load_dataset
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import (
     changed_settings,
+    latest_checkpoint,
     choose_resume_checkpoint,
     load_checkpoint_state,
     run_settings,
@@ -32,16 +32,20 @@ from echoink.grpo.checkpoint import (
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
+from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError
+from echoink.grpo.preemption import Preempted, PreemptionNotice
 from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
-from echoink.grpo.step import StepContext, grpo_step
+from echoink.grpo.step import NonFiniteError, StepContext, grpo_step
+from echoink.grpo.zero_signal import ZeroSignalWatch
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
 from echoink.model.engine import rollout_engine
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
+from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
 from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
 from echoink.problem_types import register_problem_types
 from echoink.prompts import PromptTemplate
@@ -66,7 +70,6 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
 def _train(config: TrainConfig, resume_from: str | None, progress: bool,
            evaluate: Callable[[torch.nn.Module, object], dict] | None) -> Path:
-    # --- 1. validate everything a user gave us before loading the model ---
     previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
     register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
@@ -77,72 +80,19 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
+
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     check_dataset_modalities(accelerator, records)
     resume = choose_resume_checkpoint(config, resume_from, accelerator.num_processes)  # validated, not loaded yet
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
-    arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
-    log = _open_log(config, accelerator, arithmetic, len(records), progress, previous_run, resume)
-
-    # --- 2. model, reference, optimizer; 3. resume ---
-    parts = _training_parts(config, accelerator, arithmetic["total_steps"])
-    start_step, data_position = _resume_position(config, accelerator, resume, log)
-    plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
-                     num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
-                     seed=config.seed, shuffle=config.shuffle_dataset,
-                     answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
-    sampling = SamplingSettings(config.num_generations, config.max_completion_length, config.temperature,
-                                config.top_p, config.top_k)
-    engine = rollout_engine(parts.thinker, parts.processor.tokenizer, config.group_sharing, policy_version=start_step,
-                            batch_size=config.rollout_batch_size, token_budget=config.rollout_token_budget)
-    context = StepContext(config, accelerator, parts.policy, parts.thinker, engine, parts.reference, parts.peft_model,
-                          parts.optimizer, parts.scheduler, parts.processor, rewards, GRPOLoss.from_config(config),
-                          sampling, MediaOptions.from_config(config), template,
-                          torch.bfloat16 if config.bf16 else torch.float32,
-                          steps_to_run=arithmetic["total_steps"] - start_step)
-
-    # --- 4. the loop ---
-    for step in range(start_step, arithmetic["total_steps"]):
-        t0 = time.perf_counter()
-        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
-                              first_round=data_position)
-        result = grpo_step(context, prompts)
-        engine.sync(parts.thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
-        data_position += prompts.rounds_used
-        result.metrics["step_seconds"] = time.perf_counter() - t0
-        result.metrics["learning_rate"] = parts.scheduler.get_last_lr()[0]
-        if evaluate is not None and (step + 1) % config.eval_steps == 0:
-            result.metrics.update(_evaluate_on_main(evaluate, parts.thinker, parts.processor, accelerator))
-        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
-        if config.save_steps and (step + 1) % config.save_steps == 0:
-            _save_step(config, accelerator, parts, output_dir, step + 1, plan, data_position)
-
-    # --- 5. final model ---
-    return _final_model(config, accelerator, parts, output_dir, log)
-
-
-@dataclass(frozen=True)
-class _TrainingParts:
-    """What `_training_parts` builds: the policy (accelerate-prepared) and the unwrapped thinker inside it, the
-    frozen reference (beta > 0 without LoRA), the PEFT wrapper (LoRA), the processor, optimizer and scheduler."""
-
-    thinker: torch.nn.Module
-    processor: object
-    policy: torch.nn.Module
-    reference: torch.nn.Module | None
-    peft_model: object | None
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-
-
-def _open_log(config, accelerator, arithmetic: dict, num_items: int, progress: bool, previous_run, resume) -> RunLog:
-    """Clear an overwritten run (main process), open the run log, and say what the run is and what it noted."""
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
     accelerator.wait_for_everyone()
-    log = RunLog(Path(config.output_dir), accelerator, arithmetic["total_steps"], enabled=progress,
-                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
-    log.announce(config, arithmetic, num_items)
+    arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
+    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress and not config.disable_tqdm,
+                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print,
+                 logging_first_step=config.logging_first_step)
+    log.announce(config, arithmetic, len(records))
     if config.beta > 0 and skips_zero_advantage_groups(config):
         log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
                  "their KL term is dropped (the gradient differs from not skipping by that term)")
@@ -150,14 +100,14 @@ def _open_log(config, accelerator, arithmetic: dict, num_items: int, progress: b
         log.note(line)
     for line in resume.warnings:
         log.warn(line)
-    return log
 
-
-def _training_parts(config: TrainConfig, accelerator, total_steps: int) -> _TrainingParts:
-    """Load the thinker, make it trainable (freezing, LoRA, checkpointing), the reference, optimizer, scheduler."""
+    # --- 2. model, reference, optimizer ---
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
     base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
+    log.note(f"loading the model from {config.model_path} ...")
+    loading_started = time.monotonic()
     thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
+    log.note(f"model loaded in {time.monotonic() - loading_started:.0f} s")
     prepare_for_training(thinker, config)  # family checks (group sharing it cannot do) and the router aux-loss weight
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
@@ -171,59 +121,104 @@ def _training_parts(config: TrainConfig, accelerator, total_steps: int) -> _Trai
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                   weight_decay=config.weight_decay)
-    updates = total_steps * config.num_iterations
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
-                              num_training_steps=updates)
+    updates = arithmetic["total_steps"] * config.num_iterations
+    warmup = config.warmup_steps * config.num_iterations if config.warmup_steps else int(config.warmup_ratio * updates)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    return _TrainingParts(accelerator.unwrap_model(policy).thinker, processor, policy, reference, peft_model,
-                          optimizer, scheduler)
+    thinker = accelerator.unwrap_model(policy).thinker
 
+    # --- 3. resume ---
+    start_step, data_position = 0, 0  # data_position: draw rounds consumed (dynamic sampling only)
+    if resume.checkpoint:
+        state = load_checkpoint_state(accelerator, resume.checkpoint)
+        start_step, data_position = state["step"], state.get("data_position", 0)
+        log.truncate_after(start_step)  # steps logged after the checkpoint are about to be redone
+        log.note(f"resumed from {resume.checkpoint} at step {start_step}")
+        changed = changed_settings(resume.state, config, accelerator.num_processes)
+        if changed:
+            log.warn(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}; "
+                     "the rest of the run will not match an uninterrupted one")
+    elif config.resume:
+        log.note(f"resume=true: no checkpoint in {output_dir} yet; starting at step 0")
 
-def _resume_position(config: TrainConfig, accelerator, resume, log: RunLog) -> tuple[int, int]:
-    """-> (step to start at, draw rounds consumed): from the checkpoint being resumed (RNG states restored), else 0."""
-    if not resume.checkpoint:
-        if config.resume:
-            log.note(f"resume=true: no checkpoint in {config.output_dir} yet; starting at step 0")
-        return 0, 0
-    state = load_checkpoint_state(accelerator, resume.checkpoint)
-    log.truncate_after(state["step"])  # steps logged after the checkpoint are about to be redone
-    log.note(f"resumed from {resume.checkpoint} at step {state['step']}")
-    changed = changed_settings(resume.state, config, accelerator.num_processes)
-    if changed:
-        log.warn(f"resuming with settings that differ from the checkpoint's run: {', '.join(changed)}; "
-                 "the rest of the run will not match an uninterrupted one")
-    return state["step"], state.get("data_position", 0)  # data_position: draw rounds consumed (dynamic sampling)
+    plan = BatchPlan(num_items=len(records), per_device_batch=config.per_device_train_batch_size,
+                     num_processes=accelerator.num_processes, grad_accum=config.gradient_accumulation_steps,
+                     seed=config.seed, shuffle=config.shuffle_dataset,
+                     answer_letters=tuple(r.answer for r in records) if config.balance_answer_letters else None)
+    media_options = MediaOptions.from_config(config)
+    sampling = SamplingSettings(config.num_generations, config.max_completion_length, config.temperature,
+                                config.top_p, config.top_k)
+    model_dtype = torch.bfloat16 if config.bf16 else torch.float32
 
-
-def _save_step(config: TrainConfig, accelerator, parts: _TrainingParts, output_dir: Path, step: int, plan: BatchPlan,
-               data_position: int) -> None:
-    """checkpoint-<step>, with the state a resume needs (and compares)."""
-    state = {"step": step, "prompts_seen": step * plan.prompts_per_step,
-             **run_settings(config, accelerator.num_processes)}  # compared on resume
-    if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
-        state.update(data_position=data_position,
-                     prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
+    prompt_settings = PromptSettings.from_config(config)  # saved with every model: eval prompts it the same way
 
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
-        save_model_files(accelerator, parts.policy, parts.processor, directory, parts.peft_model, atomic=False)
+        save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False,
+                         prompt_settings=prompt_settings)
 
-    save_checkpoint(accelerator, save_model, output_dir, step, state, save_total_limit=config.save_total_limit)
+    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step,
+                            batch_size=config.rollout_batch_size, token_budget=config.rollout_token_budget)
+    context = StepContext(config, accelerator, policy, thinker, engine, reference, peft_model, optimizer, scheduler,
+                          processor, rewards, GRPOLoss.from_config(config), sampling, media_options, template,
+                          model_dtype, steps_to_run=arithmetic["total_steps"] - start_step)
 
+    # --- 4. the loop (SIGTERM / SIGUSR1: finish the step, checkpoint, exit; preemption.py) ---
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "prompts_seen": step * plan.prompts_per_step,
+                 **run_settings(config, accelerator.num_processes)}  # compared on resume
+        if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
+            state.update(data_position=data_position,
+                         prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
+        saved = save_checkpoint(accelerator, save_model, output_dir, step, state,
+                                save_total_limit=config.save_total_limit)
+        log.checkpoint_saved(step, saved)
+        return saved
 
-def _final_model(config: TrainConfig, accelerator, parts: _TrainingParts, output_dir: Path, log: RunLog) -> Path:
-    """Write the final model (under LoRA: output_dir/adapter, + the merged thinker in final/ on request)."""
+    log.begin(start_step)  # the bar and the pace count from the resumed step
+    zero_signal = ZeroSignalWatch()  # warns when several steps in a row learn nothing
+    with PreemptionNotice() as notice:
+        for step in range(start_step, arithmetic["total_steps"]):
+            t0 = time.perf_counter()
+            prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
+                                  first_round=data_position)
+            try:
+                with LogitsGuard(thinker):  # nothing non-finite reaches a rollout (nonfinite.py)
+                    result = grpo_step(context, prompts)
+            except NonFiniteModelError as exc:
+                raise NonFiniteError(_nonfinite_message(exc, step + 1, config)) from None
+            engine.sync(thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
+            data_position += prompts.rounds_used
+            result.metrics["step_seconds"] = time.perf_counter() - t0
+            result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            if evaluate is not None and (step + 1) % config.eval_steps == 0:
+                result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
+            logged = log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+            warning = zero_signal.observe(step + 1, logged)
+            if warning:
+                log.warn(warning)
+            periodic = bool(config.save_steps) and (step + 1) % config.save_steps == 0
+            if periodic:
+                checkpoint(step + 1)
+            if notice.requested(accelerator) and step + 1 < arithmetic["total_steps"]:
+                written = output_dir / f"checkpoint-{step + 1}" if periodic else checkpoint(step + 1)
+                log.close()
+                raise Preempted(notice.signal_name, step + 1, arithmetic["total_steps"], written)
+
+    # --- 5. final model ---
     final = output_dir / "final"
+    log.note(f"saving the final model to {output_dir / 'adapter' if peft_model is not None else final}")
     accelerator.wait_for_everyone()
-    save_model_files(accelerator, parts.policy, parts.processor, output_dir if parts.peft_model is not None else final,
-                     parts.peft_model)
+    save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
+                     peft_model, prompt_settings=prompt_settings)  # under LoRA: output_dir/adapter
     if accelerator.is_main_process:
-        if parts.peft_model is not None and config.save_merged_model:
+        if peft_model is not None and config.save_merged_model:  # (+ the merged thinker in final/ on request)
             merge_adapter(config.model_path, output_dir / "adapter", final)
+            write_prompt_settings(final, prompt_settings)
         write_json_atomic(output_dir / "config.resolved.json", config.to_dict())
     accelerator.wait_for_everyone()
     log.close()
     accelerator.end_training()
-    return final if (parts.peft_model is None or config.save_merged_model) else output_dir / "adapter"
+    return final if (peft_model is None or config.save_merged_model) else output_dir / "adapter"
 
 
 def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:
@@ -236,3 +231,12 @@ def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:
         thinker.train(was_training)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _nonfinite_message(error: Exception, step: int, config: TrainConfig) -> str:
+    """The one line for weights or logits that stopped being finite: the step, the checkpoint, the setting."""
+    last = latest_checkpoint(config.output_dir)
+    resume = (f"the last good checkpoint is {last}: resume from it with a lower learning_rate" if last is not None
+              else "no checkpoint was written before it: start again with a lower learning_rate")
+    return (f"step {step}: {error}; the run stopped before the next rollout. Likely setting: learning_rate="
+            f"{config.learning_rate} (max_grad_norm={config.max_grad_norm}); {resume}")

@@ -167,18 +167,15 @@ def _embed_prompt(model, prompt: PromptInputs) -> tuple[torch.Tensor, Deepstack 
             audio = thinker.get_audio_features(media["input_features"], media["feature_attention_mask"],
                                                return_dict=True).last_hidden_state
         embeds = _scatter(embeds, ids == model.config.audio_token_id, audio)
-    if "pixel_values" in media:
-        with _grad_if_trainable(thinker.visual):
-            image = thinker.get_image_features(media["pixel_values"], media["image_grid_thw"], return_dict=True)
-        mask = ids == model.config.image_token_id
-        embeds = _scatter(embeds, mask, torch.cat(image.pooler_output, dim=0))
-        visual.append((mask, _layer_features(image)))
-    if "pixel_values_videos" in media:
-        with _grad_if_trainable(thinker.visual):
-            video = thinker.get_video_features(media["pixel_values_videos"], media["video_grid_thw"], return_dict=True)
-        mask = ids == model.config.video_token_id
-        embeds = _scatter(embeds, mask, torch.cat(video.pooler_output, dim=0))
-        visual.append((mask, _layer_features(video)))
+    for pixels, grid, token_id, encode in (
+            ("pixel_values", "image_grid_thw", model.config.image_token_id, thinker.get_image_features),
+            ("pixel_values_videos", "video_grid_thw", model.config.video_token_id, thinker.get_video_features)):
+        if pixels in media:  # images, then videos (the thinker's own order)
+            with _grad_if_trainable(thinker.visual):
+                features = encode(media[pixels], media[grid], return_dict=True)
+            mask = ids == token_id
+            embeds = _scatter(embeds, mask, torch.cat(features.pooler_output, dim=0))
+            visual.append((mask, _layer_features(features)))
     return embeds, _deepstack(visual, embeds)
 
 
