@@ -26,8 +26,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/echoink demo --out demo_out
 
-# The headless-browser test of `echoink report` needs chromium (about 300 MB with its libraries): it has its own
-# target and is left out of `make test`.
+# The headless-browser tests of `echoink report` need chromium (about 300 MB with its libraries): they have their
+# own target, which installs Debian's chromium when it is missing; `make test` leaves them out, .ci/run runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not browser"
 

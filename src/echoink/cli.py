@@ -571,7 +571,7 @@ def report_command(
     for note in result.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {result.path} ({len(result.steps_shown)} steps shown, {result.images} image(s), "
-               f"{result.audio_clips} audio clip(s) embedded)")
+               f"{result.audio_clips} audio clip(s), {result.video_clips} video clip(s) embedded)")
 
 
 @app.command("plot", cls=FlagCommand)
