@@ -131,8 +131,12 @@ def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, 
     from echoink.model.families import write_tiny_checkpoint as write_family_checkpoint
 
     qwen3 = write_family_checkpoint(tmp_path / "qwen3_full", family="qwen3-omni", layout="full")
-    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+    with pytest.raises(ExportError, match="does not fit base .*: architecture: the trained model is Qwen2.5-Omni, "
+                                          "the base Qwen3-Omni"):
         export_model(tiny_model_dir, out, base_dir=qwen3)
+    qwen3_thinker = write_family_checkpoint(tmp_path / "qwen3_thinker", family="qwen3-omni", layout="thinker")
+    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+        export_model(qwen3_thinker, out, base_dir=qwen3)
     with pytest.raises(ExportError, match="needs --base"):
         export_model(tiny_model_dir, out)
     with pytest.raises(ExportError, match="model_type 'qwen2_5_omni_thinker'"):

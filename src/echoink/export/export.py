@@ -22,6 +22,7 @@ the export naming it. The output is built in a temporary sibling directory and m
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -113,7 +114,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
             model_dir = _merge_lora(model_dir, base_dir, Path(scratch) / "merged")
         trained = _read_trained(model_dir)
         if base is not None:
-            _check_compatible(trained, base)
+            _check_compatible(trained, base)  # first: a model of another family "does not fit", whatever the layout
+        if layout == "full" and base.family.name not in EXPORTABLE_FAMILIES:
+            raise ExportError(f"{base.path / 'config.json'}: export to the {base.family.display_name} full layout is "
+                              f"not implemented (exportable: {', '.join(EXPORTABLE_FAMILIES)}); use --layout thinker")
         result = ExportResult(out_dir=out_dir, layout=layout, merged_lora=merged_lora)
         with building_directory(out_dir) as tmp:
             if layout == "thinker":
@@ -198,9 +202,6 @@ def _read_base(path: Path) -> _Checkpoint:
     if not full:
         raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is a thinker-only "
                           f"checkpoint; the base must be the published full layout ({family.full_model_type!r})")
-    if family.name not in EXPORTABLE_FAMILIES:
-        raise ExportError(f"{path / 'config.json'}: export to the {family.display_name} full layout is not "
-                          f"implemented (exportable: {', '.join(EXPORTABLE_FAMILIES)})")
     if not isinstance(config.get("thinker_config"), dict):
         raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')} but no thinker_config")
     tensors = {name: (file, name) for name, file in _tensor_files(path).items()}
@@ -268,11 +269,24 @@ def _check_compatible(trained: _Checkpoint, base: _Checkpoint) -> None:
                           "nothing was written")
 
 
+@contextmanager
+def _reading(file: Path) -> Iterator[object]:
+    """`safe_open` whose failures (a truncated or damaged file: safetensors' own error types) name the file."""
+    try:
+        with safe_open(str(file), "pt") as handle:
+            yield handle
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ExportError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]}); truncated or "
+                          "damaged: copy it again") from None
+
+
 def _shapes(checkpoint: _Checkpoint, names: set[str]) -> dict[str, list[int]]:
     """Published name -> shape, read from the safetensors headers (no tensor data is read)."""
     shapes = {}
     for file, members in _by_file(checkpoint, sorted(names)).items():
-        with safe_open(str(file), "pt") as handle:
+        with _reading(file) as handle:
             for name in members:
                 shapes[name] = list(handle.get_slice(checkpoint.tensors[name][1]).get_shape())
     return shapes
@@ -303,7 +317,7 @@ def _merge_lora(adapter_dir: Path, base_dir: str | Path | None, out: Path) -> Pa
 def _tensors_in_order(checkpoint: _Checkpoint, names: list[str]) -> Iterator[tuple[str, object]]:
     """(published name, tensor exactly as stored: dtype and bytes) for `names`, opening each file once."""
     for file, members in _by_file(checkpoint, names).items():
-        with safe_open(str(file), "pt") as handle:
+        with _reading(file) as handle:
             for name in members:
                 yield name, handle.get_tensor(checkpoint.tensors[name][1])
 
