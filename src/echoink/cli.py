@@ -189,6 +189,41 @@ def data_convert_omniinstruct(
     Console().print(report.summary(), highlight=False)
 
 
+@data_app.command("convert-avqa", cls=FlagCommand)
+def data_convert_avqa(
+    qa: Path = typer.Option(..., "--qa", help="AVQA's train_qa.json or val_qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Directory of the VGGSound clips (<video_name>.mp4)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+) -> None:
+    """Convert the original AVQA annotations (multi_choice + answer index) into echoink's format."""
+    from echoink.data.avqa import convert_avqa
+    from echoink.data.conversion import ConversionError
+
+    try:
+        report = convert_avqa(qa, videos, out)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+
+
+@data_app.command("convert-daily-omni", cls=FlagCommand)
+def data_convert_daily_omni(
+    qa: Path = typer.Option(..., "--qa", help="Daily-Omni's qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Daily-Omni's Videos/ directory (<id>/<id>_video.mp4, _audio.wav)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+    mode: str = typer.Option("all", "--mode", help="all (video with its sound), visual (frames only) or audio (the wav)."),
+) -> None:
+    """Convert Daily-Omni's qa.json into echoink's format for one of its input modes."""
+    from echoink.data.conversion import ConversionError
+    from echoink.data.daily_omni import convert_daily_omni
+
+    try:
+        report = convert_daily_omni(qa, videos, out, mode=mode)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+
+
 # ---- training commands ------------------------------------------------------------------------
 
 @app.command("train", cls=FlagCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
