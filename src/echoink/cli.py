@@ -425,6 +425,26 @@ def _ci_text(value: float, low: float, high: float) -> str:
     return percent_ci(value, low, high)
 
 
+@app.command("lmms-eval-task", cls=FlagCommand)
+def lmms_eval_task_command(
+    data: Path = typer.Argument(..., help="Dataset JSON/JSONL in echoink's format (AVQA-R1 layout)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the task into (pass it to lmms-eval's --include_path)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Task name (default: echoink_<file stem>)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation budget (echoink eval's default)."),
+) -> None:
+    """Write an lmms-eval task (YAML, documents, grading functions) for a dataset file in echoink's format."""
+    from echoink.data import DatasetError
+    from echoink.eval.lmms_task import write_lmms_task
+
+    try:
+        task = write_lmms_task(data, out, name=name, max_new_tokens=max_new_tokens)
+    except (DatasetError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote task {task.name} ({task.count} documents; data types {', '.join(task.data_types)}) to "
+               f"{task.yaml_path}\nrun: lmms-eval --model echoink --model_args pretrained=MODEL_DIR "
+               f"--tasks {task.name} --include_path {task.yaml_path.parent}")
+
+
 @app.command("metrics", cls=FlagCommand)
 def metrics_command(
     predictions: list[Path] = typer.Argument(..., help="One or more predictions.jsonl files (one column each)."),

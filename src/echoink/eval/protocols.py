@@ -29,7 +29,6 @@ graded under both rules without generating again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
