@@ -52,8 +52,8 @@ def workspace(tmp_path_factory):
     write_synthetic_dataset(root / "synth", n_train=16, n_valid=10, seed=0)
     write_tiny_checkpoint(root / "tiny", layout="thinker", seed=0)
     model, processor = load_thinker(root / "tiny", dtype="float32")
-    format_warmup(model, processor, load_dataset(root / "synth" / "train" / "omni_rl_format_train.json"), steps=30,
-                  batch_size=4, log=lambda *args, **kwargs: None)
+    format_warmup(model, processor, load_dataset(root / "synth" / "train" / "omni_rl_format_train.json"), steps=60,
+                  batch_size=8, log=lambda *args, **kwargs: None)
     save_thinker(model, processor, root / "model")
 
     qa, videos = write_avqa(root / "avqa", count=5, missing=1)
