@@ -298,7 +298,7 @@ def test_11_torch_num_threads_minus_one():
 
 def test_11_unknown_demo_override_fails_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "max_stepz=3"])
-    assert "unknown config key(s): max_stepz" in _error_line(result)
+    assert "unknown config key(s): 'max_stepz' (did you mean 'max_steps'?)" in _error_line(result)
     assert not (tmp_path / "demo").exists()
 
 

@@ -95,7 +95,7 @@ def test_dataset_is_validated_before_the_model_loads(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("not_a_key=1", "unknown config key(s): not_a_key"),
+    ("not_a_key=1", "unknown config key(s): 'not_a_key'"),
     ("beta=-1", "beta must be >= 0"),
     ("loss_type=ppo", "loss_type must be one of"),
     ("num_generations=abc", "num_generations: expected int"),

@@ -25,6 +25,12 @@ class _FlagsWithoutMetavar:
         return params
 
 
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """A group's list of commands shows each command's whole first paragraph, wrapped (click cuts it
+        with "..." at `limit`)."""
+        return (self.short_help or (self.help or "").split("\n\n")[0]).strip()
+
+
 class FlagCommand(_FlagsWithoutMetavar, TyperCommand):
     pass
 
@@ -33,11 +39,13 @@ class FlagGroup(_FlagsWithoutMetavar, TyperGroup):
     pass
 
 
+# Plain click help (rich_markup_mode=None): rich's panels cut long option names and help with "..." at 80
+# columns, and rich markup would swallow examples such as `reward_funcs=[my_rewards:length]`.
+_PLAIN_HELP = {"rich_markup_mode": None, "no_args_is_help": True, "cls": FlagGroup}
 app = typer.Typer(help="echoink: GRPO fine-tuning and evaluation of omni-modal models (Qwen2.5-Omni, Qwen3-Omni).",
-                  no_args_is_help=True, add_completion=False, cls=FlagGroup)
-model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", no_args_is_help=True, cls=FlagGroup)
-data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", no_args_is_help=True,
-                       cls=FlagGroup)
+                  add_completion=False, **_PLAIN_HELP)
+model_app = typer.Typer(help="Model utilities (tiny offline checkpoints).", **_PLAIN_HELP)
+data_app = typer.Typer(help="Datasets in the AVQA-R1 format: validate, synthesize, convert.", **_PLAIN_HELP)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 
@@ -240,6 +248,8 @@ def train_command(
 ) -> None:
     """Train with GRPO. Extra arguments are key=value overrides of the config, e.g. beta=0.04.
 
+    Every config key, with its type, default and help: `echoink config --list`.
+
     The working directory is on the import path (as with `python -m`), after the installed packages:
     `reward_funcs=[my_rewards:length]` finds ./my_rewards.py without PYTHONPATH.
     """
@@ -293,6 +303,26 @@ def train_command(
     except NoSpaceLeftError as exc:
         _fail(f"{exc} (the model in {final} is complete; only its README.md model card was not written)")
     typer.echo(f"final model: {final} (model card: {card})")
+
+
+@app.command("config", cls=FlagCommand)
+def config_command(
+    keys: Optional[list[str]] = typer.Argument(None, help="Keys to describe (default: every key)."),
+    list_keys: bool = typer.Option(False, "--list", help="List every config key (the default without KEYS)."),
+) -> None:
+    """Describe the training config keys: type, default and one-line help, by section."""
+    from echoink.config import config_keys, describe_config_keys, unknown_key_message
+
+    if keys and not list_keys:
+        known = {key.name: key for key in config_keys()}
+        unknown = [name for name in keys if name not in known]
+        if unknown:
+            _fail(unknown_key_message(unknown))
+        for name in keys:
+            key = known[name]
+            typer.echo(f"{key.name} ({key.type}, default {key.default}): {key.help} [{key.section}]")
+        return
+    typer.echo(describe_config_keys())
 
 
 def _working_directory_importable() -> None:

@@ -33,112 +33,131 @@ class ConfigError(ValueError):
     """An unknown key or a bad value in a training config; raised before any work starts."""
 
 
+def _section(title: str):
+    """A field maker for one section of the config: `_grpo(16, "help")` is a field with default 16 (a callable
+    default, such as `list`, is a default factory) whose help and section `echoink config --list` prints."""
+
+    def setting(default: Any, help: str) -> Any:
+        metadata = {"help": help, "section": title}
+        if callable(default):
+            return field(default_factory=default, metadata=metadata)
+        return field(default=default, metadata=metadata)
+
+    return setting
+
+
+_data = _section("model and data")
+_grpo = _section("GRPO (TRL GRPOConfig names)")
+_types = _section("problem types and the length reward (docs/rewards.md)")
+_optim = _section("optimisation (TRL / transformers TrainingArguments names)")
+_moe = _section("mixture-of-experts models (Qwen3-Omni)")
+_lora = _section("LoRA (peft)")
+_log = _section("logging, checkpoints, evaluation")
+_faults = _section("faults: what a run refuses, skips and tolerates (docs/faults.md)")
+
+
 @dataclass
 class TrainConfig:
-    # --- model and data (omni fields) ---
-    model_path: str = ""
-    train_data: str = ""
-    output_dir: str = "runs/echoink"
-    freeze_vision: bool = False  # EchoInk-R1 trains everything
-    freeze_audio: bool = False
-    use_audio_in_video: bool = True
-    max_audio_seconds: float = 10.0
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 256 * 28 * 28  # 200,704: EchoInk-R1's cap
-    video_fps: float = 2.0
-    video_max_frames: int = 16
-    prompt_template: dict = field(default_factory=dict)  # overrides of echoink.prompts.PromptTemplate fields
-    attn_implementation: str | None = None
+    # Every field: `name: type = _<section>(default, "one-line help")`; `echoink config --list` prints them.
+    model_path: str = _data("", "Model directory: a published Qwen2.5-Omni / Qwen3-Omni checkpoint or ours.")
+    train_data: str = _data("", "Training set: AVQA-R1 JSON array or JSONL file (docs/data.md).")
+    output_dir: str = _data("runs/echoink", "Run directory: metrics, completions, checkpoints, final model.")
+    freeze_vision: bool = _data(False, "Keep the vision encoder's weights fixed (EchoInk-R1 trains everything).")
+    freeze_audio: bool = _data(False, "Keep the audio encoder's weights fixed.")
+    use_audio_in_video: bool = _data(True, "Feed a video's sound track to the audio encoder too.")
+    max_audio_seconds: float = _data(10.0, "Audio longer than this is cut (seconds; EchoInk-R1: 10).")
+    min_pixels: int = _data(4 * 28 * 28, "Smallest image area after resizing, in pixels.")
+    max_pixels: int = _data(256 * 28 * 28, "Largest image area after resizing, in pixels (EchoInk-R1's cap).")
+    video_fps: float = _data(2.0, "Frames sampled per second of video.")
+    video_max_frames: int = _data(16, "Most frames taken from one video (>= 4).")
+    prompt_template: dict = _data(dict, "Overrides of echoink.prompts.PromptTemplate fields (docs/rewards.md).")
+    attn_implementation: str | None = _data(None, "Attention kernel: sdpa, eager, flash_attention_2; null: default.")
 
-    # --- GRPO (TRL GRPOConfig names) ---
-    num_generations: int = 16
-    beta: float = 0.001
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    loss_type: str = "grpo"
-    importance_sampling_level: str = "token"
-    scale_rewards: str = "group"
-    num_iterations: int = 1
-    use_bias_correction_kl: bool = False
-    mask_truncated_completions: bool = False
-    max_prompt_length: int | None = 2048
-    max_completion_length: int = 768
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    reward_funcs: list = field(default_factory=lambda: ["accuracy", "format"])
-    reward_weights: list | None = None
-    group_sharing: str = "full"  # none | encoders | full: compute each prompt once per group
-    # groups whose rewards are all equal (zero advantage): skip their update (None: on when beta == 0), and
-    # dynamic sampling (DAPO): draw up to max_sampling_rounds rounds until the batch holds informative groups
-    skip_zero_advantage_groups: bool | None = None
-    dynamic_sampling: bool = False
-    max_sampling_rounds: int = 4
+    num_generations: int = _grpo(16, "Completions per prompt (G, the group size; >= 2).")
+    beta: float = _grpo(0.001, "KL coefficient against the reference model (0: no reference model).")
+    epsilon: float = _grpo(0.2, "Clipping range of the probability ratio (lower side; upper too unless epsilon_high).")
+    epsilon_high: float | None = _grpo(None, "Upper clipping range (DAPO's clip-higher); null: epsilon.")
+    loss_type: str = _grpo("grpo", "Loss normalisation: grpo | bnpo | dr_grpo | dapo (TRL defaults to dapo).")
+    importance_sampling_level: str = _grpo("token", "Probability ratio per token or per sequence (GSPO).")
+    scale_rewards: str = _grpo("group", "Divide advantages by the std of the group, the batch, or none.")
+    num_iterations: int = _grpo(1, "Policy updates per collected batch (mu).")
+    use_bias_correction_kl: bool = _grpo(False, "Importance-weight the KL term (TRL defaults to true).")
+    mask_truncated_completions: bool = _grpo(False, "Leave completions cut at max_completion_length out of the loss.")
+    max_prompt_length: int | None = _grpo(2048, "Longer prompts (tokens, media included) are skipped; null: no limit.")
+    max_completion_length: int = _grpo(768, "Longest completion in tokens.")
+    temperature: float = _grpo(1.0, "Sampling temperature of rollouts.")
+    top_p: float = _grpo(1.0, "Nucleus sampling threshold of rollouts (1: off).")
+    top_k: int | None = _grpo(None, "Top-k sampling of rollouts; null or 0: off.")
+    reward_funcs: list = _grpo(lambda: ["accuracy", "format"],
+                               "Rewards by name or 'module:function' (user code, imported; docs/rewards.md).")
+    reward_weights: list | None = _grpo(None, "One weight per reward function; null: all 1.")
+    group_sharing: str = _grpo("full", "Compute each prompt once per group: none | encoders | full.")
+    skip_zero_advantage_groups: bool | None = _grpo(None, "Skip the update of groups whose rewards are all equal; "
+                                                          "null: on when beta == 0.")
+    dynamic_sampling: bool = _grpo(False, "DAPO: draw more prompts until the batch holds informative groups.")
+    max_sampling_rounds: int = _grpo(4, "Most rollout rounds per step with dynamic_sampling.")
 
-    # --- problem types and the length reward (docs/rewards.md) ---
-    problem_types: list = field(default_factory=list)  # user problem types: "package.module:Class" (imported!)
-    len_control: bool = False          # EchoInk-R1's length bonus, as a reward column named "length"
-    len_control_min_tokens: int = 160
-    len_control_max_tokens: int = 256
-    len_control_bonus: float = 0.2
-    len_control_threshold: float = 0.1  # accuracy above this counts as correct for the bonus
+    problem_types: list = _types(list, "User problem types 'package.module:Class' (imported: trusted code only).")
+    len_control: bool = _types(False, "EchoInk-R1's length bonus, as a reward column named 'length'.")
+    len_control_min_tokens: int = _types(160, "Length bonus: shortest completion that earns it, in tokens.")
+    len_control_max_tokens: int = _types(256, "Length bonus: longest completion that earns it, in tokens.")
+    len_control_bonus: float = _types(0.2, "Length bonus: reward added within the length window.")
+    len_control_threshold: float = _types(0.1, "Length bonus: accuracy above this counts as correct.")
 
-    # --- optimisation (TRL / transformers TrainingArguments names) ---
-    learning_rate: float = 1e-6
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 5.0
-    max_consecutive_nonfinite_steps: int = 3  # updates with a non-finite loss/gradient are skipped; stop after N in a row
-    per_device_train_batch_size: int = 1  # PROMPTS per device (TRL: completions) - see module docstring
-    gradient_accumulation_steps: int = 1
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    seed: int = 42
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    shuffle_dataset: bool = True
-    balance_answer_letters: bool = False  # order each epoch so every batch mixes the answer letters
-    torch_num_threads: int | None = None
+    learning_rate: float = _optim(1e-6, "Peak learning rate (AdamW).")
+    lr_scheduler_type: str = _optim("cosine", "Learning-rate schedule: constant | linear | cosine | "
+                                              "constant_with_warmup.")
+    warmup_ratio: float = _optim(0.0, "Fraction of the steps spent warming the learning rate up.")
+    weight_decay: float = _optim(0.01, "AdamW weight decay.")
+    adam_beta1: float = _optim(0.9, "AdamW beta1.")
+    adam_beta2: float = _optim(0.999, "AdamW beta2.")
+    adam_epsilon: float = _optim(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _optim(5.0, "Clip the gradient norm to this (0: no clipping).")
+    max_consecutive_nonfinite_steps: int = _optim(3, "Updates with a non-finite loss or gradient are skipped; "
+                                                     "stop after this many in a row (0: never).")
+    per_device_train_batch_size: int = _optim(1, "PROMPTS per device per micro-step, each answered num_generations "
+                                                 "times (TRL counts completions).")
+    gradient_accumulation_steps: int = _optim(1, "Micro-steps per optimizer step.")
+    num_train_epochs: float = _optim(1.0, "Passes over the training set (when max_steps <= 0).")
+    max_steps: int = _optim(-1, "Optimizer steps to run; -1: from num_train_epochs.")
+    seed: int = _optim(42, "Seed of data order, sampling and initialisation.")
+    bf16: bool = _optim(False, "Train in bfloat16.")
+    gradient_checkpointing: bool = _optim(False, "Recompute activations in backward (less memory, more time).")
+    shuffle_dataset: bool = _optim(True, "Shuffle the training set every epoch.")
+    balance_answer_letters: bool = _optim(False, "Order each epoch so every batch mixes the answer letters.")
+    torch_num_threads: int | None = _optim(None, "CPU threads torch uses; null: torch's default.")
 
-    # --- mixture-of-experts models (Qwen3-Omni) ---
-    # The router's load-balancing loss (transformers' `router_aux_loss_coef`): 0 = off, the RL default (the
-    # policy gradient alone moves the router); > 0 adds coef x aux to the loss of each update and logs
-    # `router_aux_loss`. Needs a mixture-of-experts model and group_sharing: none.
-    router_aux_loss_coef: float = 0.0
+    router_aux_loss_coef: float = _moe(0.0, "Mixture-of-experts router load-balancing loss coefficient (0: off; "
+                                            "> 0 needs group_sharing: none).")
 
-    # --- LoRA (peft) ---
-    use_peft: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_target_modules: list | None = None  # None: the family's default (docs/qwen3_omni.md); or words/suffixes
-    save_merged_model: bool = False
+    use_peft: bool = _lora(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = _lora(16, "LoRA rank.")
+    lora_alpha: int = _lora(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = _lora(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list | None = _lora(None, "Modules that get adapters (words or suffixes); null: the "
+                                                   "family's default (docs/qwen3_omni.md).")
+    save_merged_model: bool = _lora(False, "Also save the final model with the adapters merged in.")
 
-    # --- logging, checkpoints, evaluation ---
-    logging_steps: int = 1
-    log_completions: bool = True  # write every completion to completions.jsonl
-    num_completions_to_print: int = 0  # show this many completions of each logged step in the console
-    report_to: list = field(default_factory=list)  # accelerate trackers: "tensorboard", "wandb"
-    save_steps: int = 0  # 0: only the final model
-    save_total_limit: int | None = None
-    resume: bool = False
-    resume_from_checkpoint: str | None = None
-    eval_steps: int = 0
-    eval_data: str | None = None
-    eval_limit: int | None = 200
-    eval_batch_size: int = 8
-    eval_max_new_tokens: int | None = None
+    logging_steps: int = _log(1, "Write metrics every N steps.")
+    log_completions: bool = _log(True, "Write every completion to completions.jsonl.")
+    num_completions_to_print: int = _log(0, "Show this many completions of each logged step in the console.")
+    report_to: list = _log(list, "Experiment trackers (accelerate): tensorboard, wandb, ...; [] : none.")
+    save_steps: int = _log(0, "Save a checkpoint every N steps (0: only the final model).")
+    save_total_limit: int | None = _log(None, "Keep only the newest N checkpoints; null: all.")
+    resume: bool = _log(False, "Continue from the newest checkpoint in output_dir.")
+    resume_from_checkpoint: str | None = _log(None, "Continue from this checkpoint directory.")
+    eval_steps: int = _log(0, "Evaluate on eval_data every N steps (0: never).")
+    eval_data: str | None = _log(None, "Evaluation set (AVQA-R1 JSON/JSONL) for in-training evaluation.")
+    eval_limit: int | None = _log(200, "Evaluate on the first N items; null: all.")
+    eval_batch_size: int = _log(8, "Prompts per generate call in in-training evaluation.")
+    eval_max_new_tokens: int | None = _log(None, "Longest evaluation reply in tokens; null: max_completion_length.")
 
-    # --- faults: what a run refuses, skips and tolerates (docs/faults.md) ---
-    overwrite_output_dir: bool = False  # transformers' name: clear a previous run in output_dir instead of refusing
-    allow_inexact_resume: bool = False  # resume from a checkpoint without its RNG states (a loud warning, not an error)
-    max_skipped_prompt_fraction: float = 0.5  # stop if more of the prompts of the first steps are over max_prompt_length
-    skipped_prompt_check_steps: int = 4  # ... over this many first steps
-    max_skipped_records: int = 10  # records whose media fail to decode in training: skipped (named) up to this many
+    overwrite_output_dir: bool = _faults(False, "Clear a previous run in output_dir instead of refusing.")
+    allow_inexact_resume: bool = _faults(False, "Resume from a checkpoint without its RNG states (warns loudly).")
+    max_skipped_prompt_fraction: float = _faults(0.5, "Stop if more of the first steps' prompts than this are over "
+                                                      "max_prompt_length.")
+    skipped_prompt_check_steps: int = _faults(4, "... counted over this many first steps.")
+    max_skipped_records: int = _faults(10, "Records whose media fail to decode are skipped (named) up to this many.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -343,7 +362,7 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown config key(s): {', '.join(unknown)}")
+        raise ConfigError(f"{source}: {unknown_key_message(unknown)}")
     coerced = {}
     problems = []
     for key, value in values.items():
@@ -357,6 +376,19 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         return TrainConfig(**coerced)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def unknown_key_message(names: list[str]) -> str:
+    """One line for keys TrainConfig does not have: each with its closest key ("did you mean"), and where
+    the list of keys is."""
+    import difflib
+
+    known = [item.name for item in dataclasses.fields(TrainConfig)]
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.75)
+        parts.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"unknown config key(s): {', '.join(parts)}; every key: echoink config --list"
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -402,3 +434,47 @@ def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
     return str(hint).replace("typing.", "")
+
+
+# ---- the reference of every key -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One config key as `echoink config --list` shows it."""
+
+    name: str
+    type: str     # e.g. "int", "float | None", "list"
+    default: str  # as YAML/JSON reads it: 16, null, "grpo", ["accuracy", "format"]
+    help: str
+    section: str
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every key of TrainConfig, in declaration order, with its type, default and one-line help."""
+    import json
+
+    hints = get_type_hints(TrainConfig)
+    keys = []
+    for item in dataclasses.fields(TrainConfig):
+        default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+        keys.append(ConfigKey(item.name, _type_name(hints[item.name]), json.dumps(default), item.metadata["help"],
+                              item.metadata["section"]))
+    return keys
+
+
+def describe_config_keys(width: int = 80) -> str:
+    """The key reference as plain text that fits `width` columns (no line is cut): one block per section,
+    `name (type, default D)` then the help indented below it."""
+    import textwrap
+
+    lines: list[str] = []
+    section = None
+    for key in config_keys():
+        if key.section != section:
+            section = key.section
+            lines += ([""] if lines else []) + [f"# {section}"]
+        lines += textwrap.wrap(f"{key.name} ({key.type}, default {key.default})", width,
+                               subsequent_indent="    ", break_on_hyphens=False)
+        lines += textwrap.wrap(key.help, width, initial_indent="    ", subsequent_indent="    ",
+                               break_on_hyphens=False)
+    return "\n".join(lines)

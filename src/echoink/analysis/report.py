@@ -227,8 +227,8 @@ def _in_training_eval_html(rows: list[dict]) -> str:
     for row in evals:
         ci = (f"[{_pct(row['eval/ci_low'])}, {_pct(row['eval/ci_high'])}]"
               if _number(row.get("eval/ci_low")) and _number(row.get("eval/ci_high")) else "-")
-        body.append([str(row["step"]), _cell(_pct(row["eval/accuracy"]), "training", f"eval/accuracy@{row['step']}"),
-                     ci, str(row.get("eval/n", "-"))])
+        body.append([_e(row["step"]), _cell(_pct(row["eval/accuracy"]), "training", f"eval/accuracy@{row['step']}"),
+                     ci, _e(row.get("eval/n", "-"))])
     return _table(["step", "accuracy (%)", "95% CI", "answers"], body)
 
 

@@ -120,6 +120,9 @@ def load_predictions(path: Union[str, Path]) -> list[Row]:
                 raise JsonlError(f"{path}:{line_number}: prediction row has no {key!r} field")
         if not _is_verdict(row["correct"]):
             raise JsonlError(f"{path}:{line_number}: 'correct' must be true/false, got {row['correct']!r}")
+        sample_idx = row.get("sample_idx", 0)
+        if not isinstance(sample_idx, int) or isinstance(sample_idx, bool) or sample_idx < 0:
+            raise JsonlError(f"{path}:{line_number}: 'sample_idx' must be a whole number >= 0, got {sample_idx!r}")
         rows.append(row)
     return rows
 
