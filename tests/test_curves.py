@@ -130,3 +130,38 @@ def test_kl_panel_says_no_kl_term_when_beta_is_zero(tmp_path):
     (tmp_path / "config.resolved.json").write_text('{"beta": 0.0}')
     assert run_beta(path) == 0.0
     assert plot_training_curves(tmp_path, tmp_path / "c.png").is_file()
+
+
+def test_shares_on_a_fixed_unit_axis_and_the_eval_interval_drawn(tmp_path):
+    """A drop from 1.00 to 0.94 stays small on the page; the eval panel draws its interval; loss, grad norm,
+    learning rate and clip ratio get their own panels (issue 22, item 10)."""
+    from echoink.analysis.curves import PANELS, training_figure
+
+    rows = [{"step": s, "rewards/accuracy": 1.0 if s < 3 else 0.94, "rewards/format": 1.0, "loss": 0.1 * s,
+             "grad_norm": 2.0 + s, "learning_rate": 1e-6 * s, "clip_ratio/region_mean": 0.01 * s,
+             "informative_share": 0.5} for s in range(1, 6)]
+    rows.append({"step": 5, "eval/accuracy": 0.6, "eval/ci_low": 0.4, "eval/ci_high": 0.75, "eval/n": 20})
+    rows.append({"step": 3, "eval/accuracy": 0.5, "eval/ci_low": None, "eval/ci_high": None})
+    figure = training_figure(rows)
+    by_title = {panel.title: axis for panel, axis in zip(PANELS, figure.axes)}
+    assert {"Loss", "Gradient norm", "Learning rate", "Clipped ratios"} <= set(by_title)
+    for panel in PANELS:
+        low, high = by_title[panel.title].get_ylim()
+        if panel.unit and by_title[panel.title].lines:
+            assert low <= 0.0 and high >= 1.0 and high - low < 1.1, panel.title
+    assert list(by_title["Loss"].lines[0].get_ydata()) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    eval_axis = by_title["Evaluation accuracy"]
+    bars = [c for c in eval_axis.collections if len(c.get_segments()) == 1]
+    assert len(bars) == 1  # the step with an interval; the one without draws its point alone
+    (x0, y0), (x1, y1) = bars[0].get_segments()[0]
+    assert (x0, x1) == (5, 5) and sorted((y0, y1)) == pytest.approx([0.4, 0.75])
+    assert list(eval_axis.lines[0].get_ydata()) == [0.5, 0.6]
+
+
+def test_values_near_the_float_limit_are_named_not_drawn(tmp_path):
+    from echoink.analysis.curves import training_figure
+
+    rows = [{"step": 1, "kl": 0.1}, {"step": 2, "kl": 1.5e308}, {"step": 3, "kl": 0.2}]
+    kl_axis = training_figure(rows, beta=0.04).axes[3]
+    assert list(kl_axis.lines[0].get_ydata()) == [0.1, 0.2]
+    assert any("1 value(s) beyond" in text.get_text() for text in kl_axis.texts)

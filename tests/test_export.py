@@ -204,3 +204,100 @@ def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tm
     assert exported[name][1] == merged[name].contiguous().view(torch.uint8).numpy().tobytes()
     base_q = _tensor_bytes(tiny_full_dir, (name,))[name][1]
     assert exported[name][1] != base_q                                           # the adapter is in the weights
+
+
+# ---- the exported processor files name transformers' own classes (issue 22, item 3) -----------------------
+
+
+def _class_settings(module: str, class_name: str) -> set[str]:
+    """Names a transformers class takes as settings, read from its source (importing the video processor module
+    needs torchvision): its class-level attributes and the keys of its `...InitKwargs` TypedDict."""
+    import ast
+    import importlib.util
+
+    tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text(encoding="utf-8"))
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and (node.name == class_name or node.name == f"{class_name}InitKwargs"):
+            for item in node.body:
+                if isinstance(item, ast.Assign):
+                    names |= {target.id for target in item.targets if isinstance(target, ast.Name)}
+                elif isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+                    names.add(item.target.id)
+    return names
+
+
+@pytest.fixture(scope="module")
+def exported_full(tiny_model_dir, tiny_full_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_processor") / "exported"
+    export_model(tiny_model_dir, out, base_dir=tiny_full_dir)
+    return out
+
+
+def test_exported_processor_files_name_only_transformers_classes(exported_full):
+    import transformers
+
+    names = {}
+    for file in sorted(exported_full.glob("*.json")):
+        if file.name in ("config.json", "model.safetensors.index.json", "tokenizer.json", "generation_config.json"):
+            continue
+        for key, value in json.loads(file.read_text(encoding="utf-8")).items():
+            if key.endswith(("_type", "_class")) and isinstance(value, str):
+                names[f"{file.name}:{key}"] = value
+    assert names["video_preprocessor_config.json:video_processor_type"] == "Qwen2VLVideoProcessor"
+    assert names["preprocessor_config.json:processor_class"] == "Qwen2_5OmniProcessor"
+    for where, name in names.items():
+        assert name in dir(transformers), f"{where} names {name}, not a transformers class"
+    for file in exported_full.iterdir():
+        if file.suffix in (".json", ".jinja") and file.name != "tokenizer.json":
+            text = file.read_text(encoding="utf-8")
+            assert "Numpy" not in text and "echoink" not in text, file.name
+
+    video = json.loads((exported_full / "video_preprocessor_config.json").read_text(encoding="utf-8"))
+    accepted = (_class_settings("transformers.models.qwen2_vl.video_processing_qwen2_vl", "Qwen2VLVideoProcessor")
+                | _class_settings("transformers.video_processing_utils", "BaseVideoProcessor")
+                | _class_settings("transformers.video_processing_utils", "VideoProcessorMixin"))
+    assert set(video) - {"video_processor_type"} <= accepted
+    assert video["size"] == {"shortest_edge": video["min_pixels"], "longest_edge": video["max_pixels"]}
+
+
+def test_qwen2_5_omni_processor_built_from_the_exported_parts(exported_full, tiny_model_dir, mixed_dataset):
+    """Tokenizer, feature extractor and image processor loaded by transformers' Auto classes from the export,
+    the video settings from its video_preprocessor_config.json: the processor encodes every kind of item exactly
+    as the trained model's own processor does."""
+    from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoTokenizer, Qwen2_5OmniProcessor
+
+    from echoink.model.inputs import encode_prompt
+    from echoink.model.processor import OmniProcessor, load_processor
+    from echoink.model.video_processor import NumpyQwenVideoProcessor
+
+    video_settings = json.loads((exported_full / "video_preprocessor_config.json").read_text(encoding="utf-8"))
+    processor = OmniProcessor(
+        tokenizer=AutoTokenizer.from_pretrained(str(exported_full)),
+        feature_extractor=AutoFeatureExtractor.from_pretrained(str(exported_full)),
+        image_processor=AutoImageProcessor.from_pretrained(str(exported_full)),
+        video_processor=NumpyQwenVideoProcessor(**video_settings),
+        chat_template=(exported_full / "chat_template.jinja").read_text(encoding="utf-8"))
+    assert isinstance(processor, Qwen2_5OmniProcessor)
+    trained = load_processor(tiny_model_dir)
+    records = load_dataset(mixed_dataset / "valid" / "omni_rl_format_valid.json")
+    kinds = {}
+    for record in records:
+        kinds.setdefault(record.data_type, record)
+    assert any("video" in kind for kind in kinds) and any("image" in kind for kind in kinds)
+    for record in kinds.values():
+        ours, theirs = encode_prompt(record, trained).model_kwargs(), encode_prompt(record, processor).model_kwargs()
+        assert ours.keys() == theirs.keys()
+        for key, value in ours.items():
+            same = torch.equal(value, theirs[key]) if isinstance(value, torch.Tensor) else value == theirs[key]
+            assert same, (record.data_type, key)
+
+
+def test_auto_processor_loads_the_export_where_torchvision_is_installed(exported_full):
+    pytest.importorskip("torchvision", reason="transformers' AutoProcessor loads video processors with torchvision")
+    from transformers import AutoProcessor, Qwen2_5OmniProcessor
+
+    processor = AutoProcessor.from_pretrained(str(exported_full))
+    assert type(processor) is Qwen2_5OmniProcessor
+    assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"
+    assert processor.video_processor.temporal_patch_size == 2 and processor.video_processor.merge_size == 2

@@ -546,8 +546,8 @@ def test_11_full_disk_while_writing_eval_predictions(tmp_path, tiny_model_dir, m
     real_fsync, calls = os.fsync, []
 
     def full_after_the_run_signature(fd):          # predictions.jsonl.run.json is written first, then the rows
-        calls.append(fd)
-        if len(calls) > 1:
+        if os.path.realpath(f"/proc/self/fd/{fd}") == str(predictions.resolve()):
+            calls.append(fd)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 

@@ -154,3 +154,27 @@ def test_other_tasks_get_all_media(tmp_path):
         model._encode("Which?", {}, lambda doc: [image, image])
     with pytest.raises(ValueError, match="unknown model argument"):
         EchoinkModel(pretrained=str(tmp_path / "full"), temprature=1)
+
+
+def test_task_prompt_on_echoink_documents_is_the_training_prompt(tmp_path):
+    """`prompt=task` builds the prompt from the task's text and `doc_to_visual`; on an echoink task that text is the
+    training template's, so both modes give the same tokens and media tensors (image, audio, video + its track)."""
+    import torch
+
+    from echoink.data.synth import write_synthetic_dataset
+    from echoink.eval.lmms_task import write_lmms_task
+    from echoink.lmms_eval_plugin.model import EchoinkModel
+    from echoink.model.tiny import write_tiny_checkpoint
+
+    write_synthetic_dataset(tmp_path / "synth", n_train=0, n_valid=8, seed=3)
+    task = write_lmms_task(tmp_path / "synth" / "valid" / "omni_rl_format_valid.json", tmp_path / "task")
+    write_tiny_checkpoint(tmp_path / "tiny", layout="thinker", seed=0)
+    trained = EchoinkModel(pretrained=str(tmp_path / "tiny"), dtype="float32")
+    as_task = EchoinkModel(pretrained=str(tmp_path / "tiny"), dtype="float32", prompt="task")
+    for line in task.docs_path.read_text().splitlines():
+        doc = json.loads(line)
+        a = trained._encode(doc["prompt"], doc, lambda d: d["media"])
+        b = as_task._encode(doc["prompt"], doc, lambda d: d["media"])
+        assert a.input_ids.tolist() == b.input_ids.tolist(), doc["data_type"]
+        assert set(a.media) == set(b.media) and a.use_audio_in_video == b.use_audio_in_video
+        assert all(torch.equal(a.media[key], b.media[key]) for key in a.media)

@@ -36,7 +36,16 @@ class FlagCommand(_FlagsWithoutMetavar, TyperCommand):
 
 
 class FlagGroup(_FlagsWithoutMetavar, TyperGroup):
-    pass
+    def invoke(self, ctx):
+        """Any command whose output place cannot be written ends in one line naming the path and the cause."""
+        from echoink.io import NoSpaceLeftError, UnwritableError
+
+        try:
+            return super().invoke(ctx)
+        except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
+            _fail_no_space(exc, "run the command again (an eval resumes its predictions file)")
+        except (UnwritableError, NotADirectoryError) as exc:
+            _fail(str(exc))
 
 
 # Plain click help (rich_markup_mode=None): rich's panels cut long option names and help with "..." at 80
@@ -166,7 +175,10 @@ def data_synth(
 
     from echoink.data.synth import write_synthetic_dataset
 
+    from echoink.io import check_writable
+
     chosen = [name.strip() for name in families.split(",") if name.strip()] if families else None
+    check_writable(out)
     try:
         result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
     except ValueError as exc:
@@ -206,7 +218,9 @@ def data_convert_avqa(
     """Convert the original AVQA annotations (multi_choice + answer index) into echoink's format."""
     from echoink.data.avqa import convert_avqa
     from echoink.data.conversion import ConversionError
+    from echoink.io import check_writable
 
+    check_writable(out.parent)
     try:
         report = convert_avqa(qa, videos, out)
     except ConversionError as exc:
@@ -224,7 +238,9 @@ def data_convert_daily_omni(
     """Convert Daily-Omni's qa.json into echoink's format for one of its input modes."""
     from echoink.data.conversion import ConversionError
     from echoink.data.daily_omni import convert_daily_omni
+    from echoink.io import check_writable
 
+    check_writable(out.parent)
     try:
         report = convert_daily_omni(qa, videos, out, mode=mode)
     except ConversionError as exc:
@@ -240,7 +256,7 @@ def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML config (TRL GRPOConfig field names)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config and step arithmetic; load no model."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Resume from this checkpoint directory."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar: a plain line per logged step."),
     num_processes: int = typer.Option(int(os.environ.get("WORLD_SIZE", "1")), "--num-processes",
                                       help="With --dry-run: number of GPUs/processes to compute the arithmetic for."),
     num_items: Optional[int] = typer.Option(None, "--num-items",
@@ -267,6 +283,7 @@ def train_command(
     if dry_run:
         from echoink.config import describe_run
         from echoink.data import load_dataset
+        from echoink.grpo.trackers import check_trackers
         from echoink.prompts import PromptTemplate
         from echoink.rewards import resolve_rewards
 
@@ -282,20 +299,29 @@ def train_command(
             except DatasetError as exc:
                 _fail(f"{exc}\n(pass --num-items N to see the step arithmetic without the dataset)")
         typer.echo(describe_run(cfg, num_items, num_processes))
+        try:  # the dry run may be on another machine than the run: a missing tracker is a note here
+            check_trackers(cfg)
+        except ConfigError as exc:
+            typer.echo(f"note: {exc} (the run itself stops on this)", err=True)
         return
     from echoink.eval import training_evaluator
     from echoink.grpo.step import NonFiniteError
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
     from echoink.rewards import RewardError
+    from echoink.run_lock import LockedError
+    from echoink.grpo.preemption import PREEMPTED_EXIT_STATUS, Preempted
 
     from echoink.export import write_model_card
 
     try:
         final = train(cfg, resume_from=str(resume) if resume else None, progress=not quiet,
                       evaluate=training_evaluator(cfg))
-    except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError) as exc:
+    except (DatasetError, ModelLoadError, RewardError, NonFiniteError, ConfigError, ValueError, LockedError) as exc:
         _fail(str(exc))
+    except Preempted as exc:  # SIGTERM / SIGUSR1: a checkpoint was written; 75 tells a job script to requeue
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=PREEMPTED_EXIT_STATUS)
     except NoSpaceLeftError as exc:
         _fail_no_space(exc, "run the same command with resume=true (it continues from the newest checkpoint)")
     try:
@@ -352,10 +378,11 @@ def demo_command(
     from echoink.grpo.step import NonFiniteError
     from echoink.io import NoSpaceLeftError
     from echoink.model import ModelLoadError
+    from echoink.run_lock import LockedError
 
     try:
         summary = run_demo(out, overrides=ctx.args, family=family)
-    except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError) as exc:
+    except (ConfigError, DatasetError, ModelLoadError, NonFiniteError, ValueError, LockedError) as exc:
         _fail(f"{exc} (demo config: echoink/demo/demo_cpu.yaml; key=value arguments override it)"
               if isinstance(exc, ConfigError) else str(exc))
     except NoSpaceLeftError as exc:
@@ -400,8 +427,10 @@ def eval_command(
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
+    from echoink.eval.metrics_table import eval_summary_lines
     from echoink.eval.run import RunSignatureError, evaluate
     from echoink.model import ModelLoadError
+    from echoink.run_lock import LockedError
 
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
@@ -432,27 +461,14 @@ def eval_command(
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
             protocol=protocol, base_model=base_model,
         )
-    except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError) as exc:
+    except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
-    accuracy = summary["accuracy"]
-    headline = "-" if accuracy is None else _ci_text(accuracy, summary["ci_low"], summary["ci_high"])
-    typer.echo(f"accuracy {headline} % over {summary['n']} answers to {summary['n_problems']} problems "
-               f"(95% Wilson; protocol {protocol}); unparsed {100 * (summary['unparsed_rate'] or 0):.1f}%, "
-               f"format {100 * (summary['format_rate'] or 0):.1f}%, "
-               f"truncated {100 * (summary['truncated_rate'] or 0):.1f}%")
-    for kind, block in summary.get("by_problem_type", {}).items():
-        typer.echo(f"  {kind}: {block['measure']} {_ci_text(block['value'], block['ci_low'], block['ci_high'])} % "
-                   f"over {block['n']} answers, unparsed {100 * block['unparsed_rate']:.1f}%")
+    for line in eval_summary_lines(summary, protocol):
+        typer.echo(line)
     if summary["skipped"]:
         typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
                    f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
-
-
-def _ci_text(value: float, low: float, high: float) -> str:
-    from echoink.eval.metrics_table import percent_ci
-
-    return percent_ci(value, low, high)
 
 
 @app.command("lmms-eval-task", cls=FlagCommand)
@@ -490,14 +506,12 @@ def metrics_command(
     Tables have one row per measure and one column per file ([1], [2], ... listed above each table), so they
     read at 80 columns.
     """
-    import json
-
     from rich.console import Console
 
     from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
-    from echoink.eval.metrics_table import (breakdown_measures, comparison_measures, file_legend, measure_tables,
-                                            problem_type_measures, summary_measures)
+    from echoink.eval.metrics_table import comparison_measures, file_legend, group_tables, measure_tables, summary_measures
     from echoink.eval.protocols import EVAL_PROTOCOLS, echoink_fallback_counts, regrade_rows
+    from echoink.io import to_strict_json
 
     try:
         rows = {str(path): load_predictions(path) for path in predictions}
@@ -523,7 +537,7 @@ def metrics_command(
         payload = {"files": summaries}
         if against is not None:
             payload["against"] = {"baseline": baseline_name, "comparisons": comparisons}
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(to_strict_json(payload, indent=2))
         return
 
     console = Console(highlight=False)
@@ -531,15 +545,8 @@ def metrics_command(
     for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
                                 {name: summary_measures(s) for name, s in summaries.items()}):
         console.print(table)
-    breakdowns = {name: breakdown_measures(s) for name, s in summaries.items()}
-    if any(breakdowns.values()):
-        for table in measure_tables("Breakdown (accuracy in %, 95% Wilson interval)", breakdowns):
-            console.print(table)
-    by_type = {name: problem_type_measures(s) for name, s in summaries.items()}
-    if any(by_type.values()):
-        for table in measure_tables("Per problem type (in %; accuracy: 95% Wilson, mean score: 95% bootstrap)",
-                                    by_type):
-            console.print(table)
+    for table in group_tables(summaries):
+        console.print(table)
     if comparisons:
         console.print(f"baseline: {baseline_name}", soft_wrap=True)
         per_file = {name: comparison_measures(c) for name, c in comparisons.items()}
@@ -571,8 +578,10 @@ def export_command(
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
+    from echoink.io import check_writable
     from echoink.model import ModelLoadError
 
+    check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
                               max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
@@ -598,7 +607,12 @@ def report_command(
 ) -> None:
     """One self-contained HTML page of a run: curves, eval tables, sample completions with their image and audio."""
     from echoink.analysis.report import write_report
+    from echoink.io import check_writable
 
+    if out is not None and out.is_dir():
+        _fail(f"--out {out}: is a directory; give the HTML file to write, e.g. --out {out / 'report.html'}")
+    if run_dir.is_dir():
+        check_writable((out or run_dir / "report.html").parent)
     try:
         result = write_report(run_dir, predictions or [], out, max_steps=max_steps, media=media)
     except (FileNotFoundError, ValueError) as exc:
@@ -617,8 +631,14 @@ def plot_command(
     """Draw the training curves (accuracy/format reward, length, KL, reward std, eval accuracy) to a PNG."""
     from echoink.analysis.curves import plot_training_curves
 
+    from echoink.io import check_writable
+
     if out is None:
         out = (run_dir if run_dir.is_dir() else run_dir.parent) / "curves.png"
+    if out.is_dir():
+        _fail(f"--out {out}: is a directory; give the PNG file to write, e.g. --out {out / 'curves.png'}")
+    if run_dir.exists():
+        check_writable(out.parent)
     try:
         written = plot_training_curves(run_dir, out)
     except (FileNotFoundError, ValueError) as exc:
@@ -632,14 +652,21 @@ def aha_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/aha or PRED_aha/)."),
     patterns: Optional[Path] = typer.Option(None, "--patterns",
                                             help="Text file of reflective phrases, one per line (# comments)."),
+    problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
 ) -> None:
     """Mine reflective expressions ("wait", "hmm", ...) and answer revisions; write report, examples, plot."""
     from rich.console import Console
 
     from echoink.analysis.aha import load_patterns, mine_aha
 
+    from echoink.io import check_writable
+
+    _register_problem_types(problem_types)  # a run's completions are graded by their own problem type
+
     if out is None:
         out = source / "aha" if source.is_dir() else source.with_name(f"{source.stem}_aha")
+    if source.exists():
+        check_writable(out.parent)
     try:
         phrases = load_patterns(patterns) if patterns is not None else None
         report = mine_aha(source, out, phrases)
@@ -661,15 +688,9 @@ def aha_command(
             console.print(f"wrote {path}")
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    from echoink.io import NoSpaceLeftError
-
-    try:
-        app()
-    except NoSpaceLeftError as exc:  # any command that writes (eval predictions, plots, reports...)
-        typer.secho(f"error: {exc}" + ("" if exc.detail else ": free space, then run the command again (an eval "
-                                       "resumes its predictions file)"), fg=typer.colors.RED, err=True)
-        raise SystemExit(1) from None
+def main() -> None:  # pragma: no cover - console entry point (pyproject's [project.scripts])
+    """The `echoink` command: the app, whose command group turns write failures into one line (FlagGroup)."""
+    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

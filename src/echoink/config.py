@@ -26,7 +26,13 @@ from echoink.choices import (
     LR_SCHEDULERS,
     REPORT_TO,
     SCALE_REWARDS,
+    STEP_STRATEGIES,
 )
+
+
+#: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
+#: per_device_train_batch_size more prompts).
+MAX_SAMPLING_ROUNDS = 100
 
 
 class ConfigError(ValueError):
@@ -108,10 +114,13 @@ class TrainConfig:
     lr_scheduler_type: str = _optim("cosine", "Learning-rate schedule: constant | linear | cosine | "
                                               "constant_with_warmup.")
     warmup_ratio: float = _optim(0.0, "Fraction of the steps spent warming the learning rate up.")
+    warmup_steps: int = _optim(0, "Steps spent warming the learning rate up; > 0 overrides warmup_ratio.")
     weight_decay: float = _optim(0.01, "AdamW weight decay.")
     adam_beta1: float = _optim(0.9, "AdamW beta1.")
     adam_beta2: float = _optim(0.999, "AdamW beta2.")
     adam_epsilon: float = _optim(1e-8, "AdamW epsilon.")
+    allow_large_learning_rate: bool = _optim(False, "Accept learning_rate above 1 (refused otherwise: almost "
+                                                    "always a typo).")
     max_grad_norm: float = _optim(5.0, "Clip the gradient norm to this (0: no clipping).")
     max_consecutive_nonfinite_steps: int = _optim(3, "Updates with a non-finite loss or gradient are skipped; "
                                                      "stop after this many in a row (0: never).")
@@ -141,11 +150,17 @@ class TrainConfig:
     logging_steps: int = _log(1, "Write metrics every N steps.")
     log_completions: bool = _log(True, "Write every completion to completions.jsonl.")
     num_completions_to_print: int = _log(0, "Show this many completions of each logged step in the console.")
-    report_to: list = _log(list, "Experiment trackers (accelerate): tensorboard, wandb, ...; [] : none.")
+    logging_first_step: bool = _log(False, "Also log the first step when logging_steps > 1.")
+    disable_tqdm: bool = _log(False, "No progress bar: a plain line per logged step instead (as --quiet).")
+    report_to: list = _log(list, "Experiment trackers: tensorboard, wandb, ... (installed), all, or none.")
+    run_name: str | None = _log(None, "The run's name in trackers (W&B run name); null: output_dir's folder name.")
+    logging_dir: str | None = _log(None, "TensorBoard's event-file directory; null: OUTPUT_DIR/echoink.")
+    save_strategy: str = _log("steps", "steps: a checkpoint every save_steps; no: only the final model.")
     save_steps: int = _log(0, "Save a checkpoint every N steps (0: only the final model).")
     save_total_limit: int | None = _log(None, "Keep only the newest N checkpoints; null: all.")
     resume: bool = _log(False, "Continue from the newest checkpoint in output_dir.")
     resume_from_checkpoint: str | None = _log(None, "Continue from this checkpoint directory.")
+    eval_strategy: str = _log("steps", "steps: evaluate every eval_steps; no: never.")
     eval_steps: int = _log(0, "Evaluate on eval_data every N steps (0: never).")
     eval_data: str | None = _log(None, "Evaluation set (AVQA-R1 JSON/JSONL) for in-training evaluation.")
     eval_limit: int | None = _log(200, "Evaluate on the first N items; null: all.")
@@ -160,6 +175,12 @@ class TrainConfig:
     max_skipped_records: int = _faults(10, "Records whose media fail to decode are skipped (named) up to this many.")
 
     def __post_init__(self) -> None:
+        if self.report_to in (["none"], "none"):  # TRL's spelling of "no trackers"
+            self.report_to = []
+        if self.save_strategy == "no":  # transformers' switches, expressed in the step counts they turn off
+            self.save_steps = 0
+        if self.eval_strategy == "no":
+            self.eval_steps = 0
         self.validate()
 
     # ------------------------------------------------------------------------------------------
@@ -180,7 +201,10 @@ class TrainConfig:
         check(self.group_sharing in GROUP_SHARING,
               f"group_sharing must be one of {GROUP_SHARING}, got {self.group_sharing!r}")
         check(self.num_generations >= 2, f"num_generations must be >= 2 (GRPO compares completions), got {self.num_generations}")
-        check(self.max_sampling_rounds >= 1, f"max_sampling_rounds must be >= 1, got {self.max_sampling_rounds}")
+        check(1 <= self.max_sampling_rounds <= MAX_SAMPLING_ROUNDS,
+              f"max_sampling_rounds must be between 1 and {MAX_SAMPLING_ROUNDS}, got {self.max_sampling_rounds} (each "
+              "round rolls out per_device_train_batch_size more prompts; a reward still uninformative after "
+              f"{MAX_SAMPLING_ROUNDS} rounds needs other rewards or data, not more rounds)")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
@@ -192,6 +216,10 @@ class TrainConfig:
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 or null, got {self.top_k}")
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        check(self.learning_rate <= 1 or self.allow_large_learning_rate,
+              f"learning_rate={self.learning_rate} is above 1, which ruins the weights at the first update (AdamW "
+              "moves each weight by about the learning rate); fine-tuning uses 1e-7 to 1e-3. If you mean it, "
+              "set allow_large_learning_rate=true")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         check(self.per_device_train_batch_size >= 1,
               f"per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}")
@@ -270,7 +298,14 @@ class TrainConfig:
             (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
             (not self.save_merged_model or self.use_peft, "save_merged_model needs use_peft=true"),
             (all(name in REPORT_TO for name in self.report_to),
-             f"report_to entries must be among {REPORT_TO}, got {self.report_to}"),
+             f"report_to entries must be among {REPORT_TO} (or none), got {self.report_to}"),
+            (self.save_strategy in STEP_STRATEGIES,
+             f"save_strategy must be one of {STEP_STRATEGIES} (a checkpoint every save_steps, or none), got "
+             f"{self.save_strategy!r}"),
+            (self.eval_strategy in STEP_STRATEGIES,
+             f"eval_strategy must be one of {STEP_STRATEGIES} (evaluate every eval_steps, or never), got "
+             f"{self.eval_strategy!r}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.max_skipped_prompt_fraction <= 1,
              f"max_skipped_prompt_fraction must be in [0, 1], got {self.max_skipped_prompt_fraction}"),
             (self.skipped_prompt_check_steps >= 1,
@@ -357,9 +392,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(values, source=source)
 
 
+#: TRL / transformers names that mean exactly one of our keys: accepted and renamed.
+SAME_MEANING = {"per_device_eval_batch_size": "eval_batch_size", "evaluation_strategy": "eval_strategy"}
+
+#: TRL / transformers names with no meaning here: an error that says so and what to use instead.
+NO_MEANING_HERE = {
+    "use_vllm": "rollouts use echoink's own engine (one prompt prefill per group); there is no vLLM mode",
+    "generation_batch_size": "a step generates per_device_train_batch_size PROMPTS x num_generations "
+                             "completions per device (per_device_train_batch_size counts prompts here)",
+    "steps_per_generation": "every step generates its own completions; use num_iterations for several updates "
+                            "on one batch",
+    "optim": "the optimizer is AdamW (set adam_beta1, adam_beta2, adam_epsilon, weight_decay)",
+    "fp16": "use bf16: true (float16 is not supported)",
+    "logging_strategy": "metrics are logged every logging_steps steps",
+    "deepspeed": "pass an accelerate config instead: accelerate launch --config_file configs/accelerate/...",
+    "fsdp": "pass an accelerate config instead: accelerate launch --config_file configs/accelerate/fsdp_*.yaml",
+    "push_to_hub": "export the model with `echoink export`, then upload the directory",
+    "model_init_kwargs": "set model_path, bf16 and attn_implementation",
+    "torch_dtype": "set bf16: true or false (training keeps float32 master weights)",
+    "gradient_checkpointing_kwargs": "set gradient_checkpointing: true (non-reentrant checkpointing)",
+}
+NO_MEANING_HERE.update({name: NO_MEANING_HERE["use_vllm"] for name in (
+    "vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_gpu_memory_utilization",
+    "vllm_tensor_parallel_size", "vllm_importance_sampling_correction")})
+
+
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     hints = get_type_hints(TrainConfig)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = _rename_same_meaning(values, source)
+    foreign = [name for name in values if name in NO_MEANING_HERE]
+    if foreign:
+        raise ConfigError(f"{source}: " + "; ".join(f"{name} has no meaning in echoink: {NO_MEANING_HERE[name]}"
+                                                    for name in foreign))
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{source}: {unknown_key_message(unknown)}")
@@ -376,6 +441,20 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         return TrainConfig(**coerced)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _rename_same_meaning(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """TRL's name for one of our keys becomes that key; both given is an error."""
+    renamed = dict(values)
+    for trl_name, ours in SAME_MEANING.items():
+        if trl_name in renamed:
+            if ours in renamed:
+                raise ConfigError(f"{source}: {trl_name} and {ours} are the same setting; give only {ours}")
+            renamed[ours] = renamed.pop(trl_name)
+    for name in ("save_strategy", "eval_strategy"):  # YAML 1.1 reads an unquoted `no` as false
+        if renamed.get(name) is False:
+            renamed[name] = "no"
+    return renamed
 
 
 def unknown_key_message(names: list[str]) -> str:

@@ -6,10 +6,17 @@
   ``replace_directory``): a reader never sees a half-written model or checkpoint;
 * JSON Lines logs: whole lines appended and fsynced (``append_jsonl``), so a kill can only cut the last
   line; readers either name ``file:line`` of a damaged line (``iter_jsonl``) or drop a cut last line
-  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``);
+  (``read_jsonl_tolerant``, ``truncate_jsonl_after``, ``repair_cut_last_line``). Lines end at "\n" and
+  nowhere else (``split_jsonl_lines``): text in a value may hold U+0085, U+2028 or U+2029, which
+  ``str.splitlines`` would take for line ends;
+* strict JSON: every writer (``write_json_atomic``, ``append_jsonl``) writes a float that is not finite
+  (NaN, Infinity) as ``null`` (``to_strict_json``), so any JSON parser reads the files; readers take
+  ``null`` as "missing";
 * a full disk: a write that fails because the device is full raises ``NoSpaceLeftError`` naming the
   file or directory being written ("no space left on <path>"), and leaves what was there before intact
-  (``reporting_full_disk`` does the same for writes made by other libraries).
+  (``reporting_full_disk`` does the same for writes made by other libraries); a read-only file system or
+  a permission error raises ``UnwritableError`` ("cannot write <path>: read-only file system; ...");
+  ``check_writable`` probes an output directory before any work is done.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import errno
 import io as _stdio
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -25,7 +33,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 __all__ = [
-    "JsonlError", "NoSpaceLeftError", "append_jsonl", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl", "read_jsonl_tolerant",
+    "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "split_jsonl_lines",
+    "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl",
+    "read_jsonl_tolerant",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
@@ -50,16 +60,46 @@ class NoSpaceLeftError(OSError):
         return f"no space left on {self.filename}" + (f": {self.detail}" if self.detail else "")
 
 
+#: Why a place cannot be written (other than a full disk), each with what to do.
+UNWRITABLE_CAUSES = {
+    errno.EROFS: ("read-only file system", "choose a location on a writable file system"),
+    errno.EACCES: ("permission denied", "choose a directory you can write to, or fix its permissions"),
+    errno.EPERM: ("operation not permitted", "choose a directory you can write to, or fix its permissions"),
+}
+
+
+class UnwritableError(OSError):
+    """``path`` cannot be written: a read-only file system or missing permission (not a full disk).
+
+    ``str()`` is "cannot write <path>: <cause>; <what to do>"."""
+
+    def __init__(self, path: str | Path, code: int) -> None:
+        super().__init__(code, UNWRITABLE_CAUSES[code][0], str(path))
+
+    def __str__(self) -> str:
+        cause, advice = UNWRITABLE_CAUSES[self.errno]
+        return f"cannot write {self.filename}: {cause}; {advice}"
+
+
+def _errnos(error: BaseException) -> list[int]:
+    """The errno of every OSError in ``error``'s chain of causes."""
+    found, seen = [], error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            found.append(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def disk_is_full(error: BaseException, directory: str | Path) -> bool:
     """Whether ``error``, raised while writing into ``directory``, comes from a full device: an ENOSPC
-    (or EDQUOT: quota exceeded) in its chain of causes, or an I/O-like error (OSError, RuntimeError,
-    safetensors' SafetensorError) with almost no free space left on the device."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    if not (isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"):
+    (or EDQUOT: quota exceeded) in its chain of causes, or — when no errno says otherwise — an I/O-like
+    error (RuntimeError, safetensors' SafetensorError, an OSError without errno) with almost no free space
+    left on the device. A read-only file system or a permission error is never a full disk."""
+    codes = _errnos(error)
+    if errno.ENOSPC in codes or errno.EDQUOT in codes:
+        return True
+    if codes or not (isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"):
         return False
     directory = Path(directory)
     while not directory.exists() and directory != directory.parent:
@@ -76,13 +116,38 @@ def reporting_full_disk(path: str | Path) -> Iterator[None]:
     ``NoSpaceLeftError(target)`` (from the original error); other errors pass unchanged."""
     try:
         yield
-    except NoSpaceLeftError:
+    except (NoSpaceLeftError, UnwritableError):
         raise
     except Exception as error:
         target = Path(path)
         if disk_is_full(error, target if target.is_dir() else target.parent):
             raise NoSpaceLeftError(target) from error
+        unwritable = [code for code in _errnos(error) if code in UNWRITABLE_CAUSES]
+        if unwritable:
+            raise UnwritableError(target, unwritable[0]) from error
         raise
+
+
+def check_writable(directory: str | Path, what: str = "") -> Path:
+    """Create ``directory`` if needed and write (then remove) a probe file in it, before any work is done.
+
+    Raises UnwritableError (read-only file system, permission denied) or NoSpaceLeftError naming the
+    directory (``what`` says which setting it is, e.g. "output_dir"); NotADirectoryError when it is a file.
+    """
+    directory = Path(directory)
+    label = f"{what} {directory}" if what else str(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{label}: is a file, not a directory")
+    with reporting_full_disk(label):
+        directory.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".echoink-probe-", dir=directory)
+        try:
+            os.write(handle, b"probe")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    return directory
 
 
 # ---- whole files ---------------------------------------------------------------------------------
@@ -90,8 +155,8 @@ def reporting_full_disk(path: str | Path) -> Iterator[None]:
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (parent directories are created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with reporting_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(handle, "wb") as temp:
@@ -112,8 +177,29 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, value: Any, *, indent: int | None = 2) -> Path:
-    """Write ``value`` as JSON (UTF-8, non-ASCII kept, trailing newline) to ``path`` atomically."""
-    return write_text_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+    """Write ``value`` as strict JSON (UTF-8, non-ASCII kept, NaN/Infinity as null, trailing newline) to
+    ``path`` atomically."""
+    return write_text_atomic(path, to_strict_json(value, indent=indent) + "\n")
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` with every float that is not finite (nested in dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
+
+
+def to_strict_json(value: Any, *, indent: int | None = None) -> str:
+    """``value`` as standard JSON text (non-ASCII kept): NaN, Infinity and -Infinity, which ``json.dumps``
+    would write as bare words no other parser reads, become ``null``."""
+    try:
+        return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+    except ValueError:  # a non-finite float somewhere inside
+        return json.dumps(_finite_or_null(value), indent=indent, ensure_ascii=False, allow_nan=False)
 
 
 def save_figure_atomic(figure, path: str | Path, dpi: int = 110) -> Path:
@@ -148,8 +234,9 @@ def building_directory(target: str | Path) -> Iterator[Path]:
     """``with building_directory(out) as tmp:`` write files into ``tmp``; on success ``tmp`` replaces
     ``out`` (see ``replace_directory``); on any error ``tmp`` is removed and ``out`` is untouched."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    with reporting_full_disk(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with reporting_full_disk(target):
             yield tmp
@@ -171,19 +258,27 @@ def append_jsonl(path: str | Path, rows: Iterable[dict], handle=None) -> None:
     ``handle``: an already open append handle for ``path`` (a long run keeps one open); else the file
     is opened for this call.
     """
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    if not text:
+    data = "".join(to_strict_json(row) + "\n" for row in rows).encode("utf-8")
+    if not data:
         return
     with reporting_full_disk(path):
         if handle is None:
-            with open(path, "a", encoding="utf-8") as own:
-                own.write(text)
-                own.flush()
-                os.fsync(own.fileno())
+            descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                _write_all(descriptor, data)
+            finally:
+                os.close(descriptor)
             return
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+        handle.flush()  # nothing is left in its buffer: closing it after a failed write cannot fail again
+        _write_all(handle.fileno(), data)
+
+
+def _write_all(descriptor: int, data: bytes) -> None:
+    """Write every byte with os.write (no Python buffer to flush later) and fsync."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(descriptor, view):]
+    os.fsync(descriptor)
 
 
 def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
@@ -196,11 +291,21 @@ def _decode_line(path: Path, line_number: int, line: str) -> dict[str, Any]:
     return value
 
 
+def split_jsonl_lines(text: str) -> list[str]:
+    """The lines of JSON Lines ``text``: split at "\n" only (a "\r" before it is JSON whitespace), never at the
+    other characters ``str.splitlines`` breaks on (U+000B, U+000C, U+001C-U+001E, U+0085, U+2028, U+2029),
+    which JSON leaves raw inside strings. No empty last item for a final newline."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return path.read_text(encoding="utf-8-sig").splitlines()
+        return split_jsonl_lines(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as error:
         raise JsonlError(f"{path}: not UTF-8 text (byte {error.start}); is this the right file?") from None
 
@@ -253,7 +358,7 @@ def truncate_jsonl_after(path: str | Path, step: int) -> int:
     if not path.is_file():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in split_jsonl_lines(path.read_bytes().decode("utf-8")):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill

@@ -48,6 +48,8 @@ __all__ = [
     "ProblemType",
     "Score",
     "SolutionError",
+    "checked_score",
+    "describe_type",
     "get_problem_type",
     "known_problem_types",
     "parse_number",
@@ -471,13 +473,18 @@ def register_problem_type(kind: type[ProblemType] | ProblemType) -> ProblemType:
     """Add a user type (a class or an instance with ``name``, ``suffix``, ``binary``, ``parse_solution``,
     ``score``; subclassing :class:`ProblemType` gives the defaults). Re-registering the same class is a
     no-op; another class under a taken name is an error."""
-    instance = kind() if isinstance(kind, type) else kind
+    spec = _spec(kind if isinstance(kind, type) else type(kind))
+    try:
+        instance = kind() if isinstance(kind, type) else kind
+    except Exception as exc:  # noqa: BLE001 - user code: one line naming it
+        raise ValueError(f"problem type {spec}: its constructor raised {type(exc).__name__}: {exc}") from exc
     name = getattr(instance, "name", None)
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"problem type {kind!r} must have a non-empty string attribute 'name'")
     for attribute in ("parse_solution", "score"):
         if not callable(getattr(instance, attribute, None)):
             raise ValueError(f"problem type {name!r} must define {attribute}()")
+    _check_attributes(instance, f"problem type {name!r} ({spec})")
     existing = PROBLEM_TYPES.get(name)
     if existing is not None:
         if type(existing) is type(instance):
@@ -486,6 +493,38 @@ def register_problem_type(kind: type[ProblemType] | ProblemType) -> ProblemType:
         raise ValueError(f"problem type {name!r} is already registered by {owner}")
     PROBLEM_TYPES[name] = instance
     return instance
+
+
+def _spec(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def describe_type(kind: Any) -> str:
+    """"problem type 'name'", with the user type's ``module:Class`` (messages about user code name it)."""
+    name = getattr(kind, "name", "?")
+    return f"problem type {name!r}" if name in _BUILT_IN else f"problem type {name!r} ({_spec(type(kind))})"
+
+
+def _check_attributes(instance: Any, label: str) -> None:
+    """The class attributes a type declares have the types the code relies on (refused at registration)."""
+    suffix, binary, fields = (getattr(instance, "suffix", None), getattr(instance, "binary", True),
+                              getattr(instance, "required_fields", ()))
+    if suffix is not None and not isinstance(suffix, str):
+        raise ValueError(f"{label}: 'suffix' must be a string or None, got {type(suffix).__name__} {suffix!r}")
+    if not isinstance(binary, bool):
+        raise ValueError(f"{label}: 'binary' must be true or false, got {type(binary).__name__} {binary!r}")
+    if not isinstance(fields, (tuple, list)) or not all(isinstance(field, str) for field in fields):
+        raise ValueError(f"{label}: 'required_fields' must be a tuple of field names, got {fields!r}")
+
+
+def checked_score(kind: Any, score: Any) -> Score:
+    """A type's ``score()`` result as a Score whose value is a number in [0, 1]; ValueError naming the type."""
+    value, parsed = getattr(score, "value", None), getattr(score, "parsed", None)
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or not 0.0 <= number <= 1.0 or parsed not in (True, False):
+        raise ValueError(f"{describe_type(kind)}: score() returned {score!r}; it must return Score(value, parsed) "
+                         "with value a number in [0, 1] and parsed true or false")
+    return Score(float(number), bool(parsed))
 
 
 def register_problem_types(specs: Sequence[str] | None) -> list[str]:

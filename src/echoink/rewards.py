@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from echoink.problem_types import MULTIPLE_CHOICE, Score, get_problem_type
+from echoink.problem_types import MULTIPLE_CHOICE, Score, checked_score, describe_type, get_problem_type
 from echoink.user_code import load_object
 
 __all__ = [
@@ -216,14 +216,22 @@ def score_answer(completion: Any, solution: str, problem_type: str = MULTIPLE_CH
     except KeyError as exc:
         raise ValueError(exc.args[0]) from None
     target = _parsed_solution(kind, _solution_answer(solution), dict(fields or {}))
-    return kind.score(extract_answer(completion_text(completion)), target)
+    try:
+        score = kind.score(extract_answer(completion_text(completion)), target)
+    except Exception as exc:  # noqa: BLE001 - a user type's code: one line naming it (the caller adds the record)
+        raise ValueError(f"{describe_type(kind)}: score() raised {type(exc).__name__}: {exc}") from exc
+    return checked_score(kind, score)
 
 
 def _parsed_solution(kind: Any, answer: str, fields: dict) -> Any:
     key = (kind.name, answer, repr(sorted(fields.items())))
     cached = _SOLUTION_CACHE.get(key)
     if cached is None:
-        cached = _SOLUTION_CACHE[key] = (kind.parse_solution(answer, fields),)
+        try:
+            parsed = kind.parse_solution(answer, fields)
+        except Exception as exc:  # noqa: BLE001 - as above
+            raise ValueError(f"{describe_type(kind)}: parse_solution() raised {type(exc).__name__}: {exc}") from exc
+        cached = _SOLUTION_CACHE[key] = (parsed,)
         if len(_SOLUTION_CACHE) > 4096:
             _SOLUTION_CACHE.pop(next(iter(_SOLUTION_CACHE)))
     return cached[0]

@@ -25,6 +25,9 @@ def load_object(spec: str, kind: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ValueError(f"{kind} {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - the module's own code failed (a SyntaxError, anything it raises)
+        raise ValueError(f"{kind} {spec!r}: importing module {module_name!r} failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
     target: Any = module
     for part in attribute.split("."):
         if not part or not hasattr(target, part):

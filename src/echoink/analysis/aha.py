@@ -10,7 +10,7 @@ Two questions about the ``<think>`` block of each completion:
    right), *broke* it (tentative right, final wrong), or merely *changed* it (both wrong, or truth unknown).
 
 Inputs: a run directory holding ``completions.jsonl`` (lines ``{"step", "problem_id", "completion",
-"solution" or "gt", "rewards", "advantage"}``) or a predictions file (lines ``{"problem_id", "sample_idx", "gt",
+"solution" or "gt", "problem_type", "rewards", "advantage"}``) or a predictions file (lines ``{"problem_id", "sample_idx", "gt",
 "pred", "correct", "reply"}``). Outputs (written atomically): ``aha_report.json``, ``aha_examples.md`` and, for a
 run, ``aha_rate.png``.
 
@@ -37,9 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from echoink.io import save_figure_atomic, write_text_atomic
+from echoink.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from echoink.io import JsonlError, iter_jsonl
-from echoink.rewards import accuracy_reward, answer_letter, extract_answer
+from echoink.problem_types import MULTIPLE_CHOICE
+from echoink.rewards import answer_letter, extract_answer, score_answer
 
 DEFAULT_REFLECTIVE_EXPRESSIONS: tuple[str, ...] = (
     "wait",
@@ -331,14 +332,27 @@ def _read_completions(path: Path) -> tuple[str, list[_Completion]]:
             raise JsonlError(f"{path}:{line_number}: a completions.jsonl row needs an integer 'step'")
         if kind == "predictions":
             correct = None if row.get("correct") is None else bool(row["correct"])
-        else:  # exactly the training accuracy reward
-            solution = row.get("solution", row.get("gt"))
-            correct = None if solution is None else accuracy_reward([text], [str(solution)])[0] == 1.0
+        else:  # exactly the training accuracy reward, by the row's problem type (older runs: multiple choice)
+            correct = _training_correct(path, line_number, row, text)
         items.append(_Completion(line_number, text, row.get("problem_id"), step if kind == "run" else None,
                                  row.get("sample_idx"), gt, correct))
     if kind is None:
         raise ValueError(f"{path}: no completions")
     return kind, items
+
+
+def _training_correct(path: Path, line_number: int, row: dict, text: str) -> Optional[bool]:
+    """Whether a completions.jsonl row's completion scores 1 by the training accuracy reward for the row's
+    `problem_type` (and the record `fields` its scoring reads); None without a solution."""
+    solution = row.get("solution", row.get("gt"))
+    if solution is None:
+        return None
+    problem_type = row.get("problem_type", MULTIPLE_CHOICE)
+    fields = row.get("fields") if isinstance(row.get("fields"), dict) else {}
+    try:
+        return score_answer(text, str(solution), str(problem_type), fields).value == 1.0
+    except ValueError as exc:  # a user problem type not registered here, or a solution it cannot read
+        raise JsonlError(f"{path}:{line_number}: {exc} (register user problem types with --problem-types)") from None
 
 
 def _input_file(path: Path) -> Path:
@@ -457,7 +471,8 @@ def mine_aha(
       most frequent first, phrases that never occur left out;
     * ``reflection_rate`` (share of completions with >= 1 phrase), ``mean_reflections``;
     * ``accuracy_with_reflection`` / ``accuracy_without_reflection`` (None when correctness is unknown; for a
-      run, correctness is ``rewards.accuracy_reward`` against the row's ``solution`` or ``gt``);
+      run, correctness is the training accuracy reward against the row's ``solution`` or ``gt``, scored by the
+      row's ``problem_type``, multiple choice for rows written before runs recorded it);
     * ``per_step``: ``[{step, n, reflection_rate, mean_reflections}]`` (empty for predictions);
     * ``revisions``: ``{"n_with_stated_answer", "n", "fixed", "broke", "changed", "records": [...]}``, a record
       per revision with its problem_id, step, sample_idx, source_line and :class:`Revision` fields;
@@ -519,5 +534,5 @@ def mine_aha(
                                              f"Reflective reasoning during training: {source.parent.name}"))
     write_text_atomic(out_dir / EXAMPLES_FILE, _examples_markdown(source, items, totals, revisions, compiled))
     report["outputs"] = outputs
-    write_text_atomic(out_dir / REPORT_FILE, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_json_atomic(out_dir / REPORT_FILE, report)
     return report

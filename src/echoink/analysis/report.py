@@ -349,7 +349,7 @@ def _audio_data_uri(samples: np.ndarray) -> str:
 
 
 def _card(meta: str, text: str, media: str) -> str:
-    return f'<div class="sample">{media}<div class="body"><p class="meta">{meta}</p><pre>{_e(text)}</pre></div></div>'
+    return f'<div class="sample">{media}<div class="body"><p class="meta">{meta}</p><pre>\n{_e(text)}</pre></div></div>'
 
 
 def _table(header: Iterable[str], rows: list[list[str]]) -> str:

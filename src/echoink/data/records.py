@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, SolutionError, unknown_type_message
+from echoink.io import split_jsonl_lines
+from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, SolutionError, describe_type, unknown_type_message
 
 __all__ = [
     "DATA_TYPES",
@@ -197,7 +198,7 @@ def _read_items(path: Path, file: str) -> tuple[list[Any] | None, list[str]]:
 def _read_json_lines(text: str, file: str) -> tuple[list[Any] | None, list[str]]:
     items: list[Any] = []
     problems: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -379,13 +380,17 @@ def _validate_for_type(item: dict, problem_type: str | None, answer: str, report
             fields[name] = kind.check_field(name, item[name])
         except SolutionError as exc:
             report(name, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a user type's code failed: name it, keep validating
+            report(name, f"{describe_type(kind)}: check_field() raised {type(exc).__name__}: {exc}")
     if not answer or len(fields) < len(kind.required_fields):
         return None, fields
     try:
         return kind.parse_solution(answer, {**item, **fields}), fields
-    except (ValueError, TypeError) as exc:  # SolutionError, or a user type's own parsing error
+    except SolutionError as exc:
         report("solution", f"{exc} (problem_type {problem_type!r})")
-        return None, fields
+    except Exception as exc:  # noqa: BLE001 - a user type's own parsing error, or a bug in it
+        report("solution", f"{describe_type(kind)}: parse_solution() raised {type(exc).__name__}: {exc}")
+    return None, fields
 
 
 def _validate_paths(item: dict, data_type: str | None, root: Path, report) -> dict[str, Path]:

@@ -35,6 +35,7 @@ from echoink.model import load_thinker, save_thinker
 from echoink.model.inputs import MediaOptions
 from echoink.model.families import DEFAULT_FAMILY, family_by_name, write_tiny_checkpoint
 from echoink.prompts import PromptTemplate
+from echoink.run_lock import directory_lock, hold_lock
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo_cpu.yaml"  # package data: works from a wheel
 DEMO_FAMILIES = ("image_colour", "audio_pitch")
@@ -96,25 +97,29 @@ def run_demo(out_dir: str | Path = "demo_out", config_path: str | Path = DEMO_CO
              console: Console | None = None, family: str = DEFAULT_FAMILY.name,
              warmup_steps: int = WARMUP_STEPS) -> dict:
     """Run the whole demo into `out_dir`; returns the summary (also written to out_dir/summary.json,
-    out_dir/summary-<family>.json for a non-default family)."""
-    from echoink.analysis.curves import plot_training_curves
-    from echoink.eval.run import training_evaluator
-    from echoink.export import write_model_card
-    from echoink.grpo.trainer import train
-
-    from echoink.grpo.run_dir import previous_run_entries
-
-    console = console or Console()
+    out_dir/summary-<family>.json for a non-default family). Holds out_dir's lock (`echoink.run_lock`)."""
     out_dir = Path(out_dir)
     family_by_name(family)  # an unknown family: one line naming the known ones
     suffix = family_suffix(family)
-    started = time.perf_counter()
-    # the demo owns out_dir/run: a second `make demo` replaces the previous demo run (and says so)
     config = load_config(config_path, [f"output_dir={out_dir / f'run{suffix}'}",
                                        f"model_path={out_dir / f'model_warm{suffix}'}",
                                        f"train_data={out_dir / 'data/train/omni_rl_format_train.json'}",
                                        f"eval_data={out_dir / 'data/valid/omni_rl_format_valid.json'}",
                                        *FAMILY_SETTINGS.get(family, []), *(overrides or [])])
+    with hold_lock(directory_lock(out_dir), f"demo directory {out_dir}"):  # the demo replaces what it built there
+        return _run_demo(out_dir, config, console or Console(), family, warmup_steps)
+
+
+def _run_demo(out_dir: Path, config, console: Console, family: str, warmup_steps: int) -> dict:
+    from echoink.analysis.curves import plot_training_curves
+    from echoink.eval.run import training_evaluator
+    from echoink.export import write_model_card
+    from echoink.grpo.run_dir import previous_run_entries
+    from echoink.grpo.trainer import train
+
+    suffix = family_suffix(family)
+    started = time.perf_counter()
+    # the demo owns out_dir/run: a second `make demo` replaces the previous demo run (and says so)
     if Path(config.output_dir) == out_dir / f"run{suffix}" and previous_run_entries(config.output_dir):
         config.overwrite_output_dir = True
         console.print(f"[bold]{config.output_dir}[/bold] holds a previous demo run: this run replaces it "

@@ -1,4 +1,5 @@
-"""`echoink metrics` as tables that read at 80 columns: one row per measure, one column per file.
+"""`echoink metrics` as tables that read at 80 columns: the main measures with one row per measure and one
+column per file; each breakdown (data type, needs, problem type) as a group x (n, %, interval) table.
 
 A file is named by a short label ``[1]``, ``[2]`` ... in the column header and listed in full once, above
 its table (:func:`file_legend`), so a long path never squeezes the numbers. Files are shown
@@ -9,6 +10,8 @@ most 22: a table of three files is at most 77 characters wide (a longer group na
 
 from __future__ import annotations
 
+import math
+import textwrap
 from typing import Any, Iterator, Sequence
 
 from rich.table import Table
@@ -16,17 +19,18 @@ from rich.table import Table
 FILES_PER_TABLE = 3
 
 
-def percent_ci(value: float, low: float, high: float) -> str:
-    """``55.0 [45.2, 64.4]``: a proportion and its interval, in percent."""
-    return f"{100 * value:.1f} {_interval(low, high)}"
-
-
-def _interval(low: float, high: float) -> str:
+def _interval(low: float | None, high: float | None) -> str:
+    if not _finite(low) or not _finite(high):
+        return "-"
     return f"[{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}"
+    return f"{100 * value:.1f}" if _finite(value) else "-"
 
 
 def summary_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -49,29 +53,40 @@ def summary_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def breakdown_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """Three rows per group of the per-type and per-needs breakdowns: ``type image_audio`` (accuracy), its
-    interval and its number of rows."""
-    rows = []
-    for by, short in (("data_type", "type"), ("needs", "needs")):
-        for group, block in summary[f"by_{by}"].items():
-            rows += [(f"{short} {group}", _percent(block["accuracy"])),
-                     (f"{short} {group}: CI", _interval(block["ci_low"], block["ci_high"])),
-                     (f"{short} {group}: n", str(block["n"]))]
-    return rows
+#: The breakdowns of an `accuracy_summary` shown as group tables: (summary key, title).
+BREAKDOWNS = (("by_data_type", "by data type"), ("by_needs", "by needs"), ("by_problem_type", "by problem type"),
+              ("by_problem_type_data_type", "by problem type × data type"))
 
 
-def problem_type_measures(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """Four rows per problem type (and per type x data type): its own measure (accuracy with a Wilson
-    interval, or mean score with a bootstrap interval), the interval, n and the unparsed share."""
-    rows = []
-    for key in ("by_problem_type", "by_problem_type_data_type"):
-        for group, block in summary.get(key, {}).items():
-            rows += [(f"{group}: {block['measure']}", _percent(block["value"])),
-                     (f"{group}: CI", _interval(block["ci_low"], block["ci_high"])),
-                     (f"{group}: n", str(block["n"])),
-                     (f"{group}: unparsed", _percent(block["unparsed_rate"]))]
-    return rows
+def group_tables(summaries: dict[str, dict[str, Any]]) -> Iterator[Table]:
+    """One table per breakdown of each file's `accuracy_summary` (data type, needs, problem type, problem type
+    x data type), one row per group: n, the measure (accuracy, or a graded type's mean score) in %, its 95%
+    interval (Wilson for accuracy, bootstrap for a mean score) and, for problem types, the unparsed share.
+    With several files each table's title starts with the file's label; empty breakdowns are left out.
+    A group name wraps past 30 characters (it is never cut), so a table is at most 77 columns wide."""
+    labels = file_labels(list(summaries))
+    for key, title in BREAKDOWNS:
+        for label, summary in zip(labels, summaries.values()):
+            groups = summary.get(key) or {}
+            if not groups:
+                continue
+            typed = key.startswith("by_problem_type")
+            table = Table(title=(f"{label} " if len(summaries) > 1 else "") + title, title_justify="left")
+            table.add_column("group", overflow="fold", max_width=30)
+            table.add_column("n", justify="right", no_wrap=True)
+            table.add_column("%", justify="right", no_wrap=True)
+            table.add_column("95% interval", justify="right", no_wrap=True)
+            if typed:
+                table.add_column("unparsed", justify="right", no_wrap=True)
+            for group, block in groups.items():
+                value = block.get("value", block.get("accuracy"))
+                cells = [str(group), str(block["n"]), _percent(value), _interval(block["ci_low"], block["ci_high"])]
+                if typed:
+                    measure = "" if block.get("measure", "accuracy") == "accuracy" else " (mean score)"
+                    cells[0] += measure
+                    cells.append(_percent(block.get("unparsed_rate")))
+                table.add_row(*cells)
+            yield table
 
 
 def comparison_measures(comparison: dict[str, Any]) -> list[tuple[str, str]]:
@@ -86,6 +101,23 @@ def comparison_measures(comparison: dict[str, Any]) -> list[tuple[str, str]]:
         ("wins/losses/ties", f"{c['wins']}/{c['losses']}/{c['ties']}"),
         ("McNemar p", f"{c['mcnemar_p']:.4g}"),
     ]
+
+
+def eval_summary_lines(summary: dict[str, Any], protocol: str, width: int = 80) -> list[str]:
+    """What `echoink eval` prints when it finishes, as lines of at most `width` characters (a longer word, a
+    path, is never cut): the accuracy with its interval, the rates, one line per problem type."""
+    accuracy = summary.get("accuracy")
+    headline = "-" if not _finite(accuracy) else f"{_percent(accuracy)} % {_interval(summary['ci_low'], summary['ci_high'])}"
+    lines = [f"accuracy {headline} (95% Wilson), {summary['n']} answers to {summary['n_problems']} problems",
+             f"protocol {protocol}; unparsed {_percent(summary.get('unparsed_rate') or 0)}%, "
+             f"format {_percent(summary.get('format_rate') or 0)}%, truncated {_percent(summary.get('truncated_rate') or 0)}%"]
+    for kind, block in (summary.get("by_problem_type") or {}).items():
+        lines.append(f"  {kind}: {block['measure']} {_percent(block['value'])} % "
+                     f"{_interval(block['ci_low'], block['ci_high'])}, n {block['n']}, "
+                     f"unparsed {_percent(block['unparsed_rate'])}%")
+    return [wrapped for line in lines
+            for wrapped in textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=False,
+                                         break_on_hyphens=False)]
 
 
 def file_labels(names: Sequence[str]) -> list[str]:

@@ -59,7 +59,7 @@ import torch
 from transformers import GenerationConfig
 
 from echoink.config import TrainConfig
-from echoink.io import append_jsonl, repair_cut_last_line, write_json_atomic
+from echoink.io import append_jsonl, repair_cut_last_line, split_jsonl_lines, write_json_atomic
 from echoink.data.records import Record, load_dataset
 from echoink.eval.metrics import type_measure, wilson_interval
 from echoink.eval.protocols import protocol_settings, regrade_row
@@ -76,6 +76,7 @@ from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_p
 from echoink.problem_types import register_problem_types
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 from echoink.rewards import answer_letter, extract_answer, format_reward, score_answer
+from echoink.run_lock import file_lock, hold_lock
 
 __all__ = [
     "EOS_TOKEN",
@@ -229,7 +230,10 @@ def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncat
         pred = answer_letter(reply, lenient=lenient)
         score = float(pred is not None and pred == record.answer)
     else:
-        scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        try:
+            scored = score_answer(reply, record.solution, record.problem_type, record.extra)
+        except ValueError as exc:  # a user type's score() failed or returned no score in [0, 1]
+            raise ValueError(f"{record.source}:{record.index} (problem_id {record.problem_id!r}): {exc}") from exc
         pred, score = (extract_answer(reply) if scored.parsed else None), scored.value
     row: Row = {"problem_id": record.problem_id, "sample_idx": sample_idx, "gt": record.answer, "pred": pred,
                 "correct": score == 1.0, "score": score, "problem_type": record.problem_type, "reply": reply,
@@ -269,10 +273,20 @@ def evaluate(
     if unknown:
         raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
     sampling_settings(**{k: v for k, v in settings.items() if k in _SAMPLING_ARGS})
+    samples, batch_size = settings.get("samples", 1), settings.get("batch_size", 8)
+    if isinstance(samples, int) and isinstance(batch_size, int) and samples * batch_size > MAX_SEQUENCES_PER_CALL:
+        raise ValueError(f"--batch-size {batch_size} x --samples {samples} = {batch_size * samples} replies generated "
+                         f"at once, more than {MAX_SEQUENCES_PER_CALL}; lower --batch-size to at most "
+                         f"{max(1, MAX_SEQUENCES_PER_CALL // samples)}")
     ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     records = load_dataset(data_path)
+    with hold_lock(file_lock(out_path), f"predictions file {out_path}"):  # one writer per file (run_lock.py)
+        return _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings)
+
+
+def _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings) -> dict[str, Any]:
     if isinstance(model, (str, Path)):
         from echoink.model.loading import load_thinker
 
@@ -379,9 +393,18 @@ _EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
     "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
 
 
+#: The most answers per problem (`--samples`), and the most sequences one generate call may hold
+#: (`--batch-size` x `--samples`): the replies of a batch are generated together, so these bound the memory.
+MAX_EVAL_SAMPLES = 1024
+MAX_SEQUENCES_PER_CALL = 4096
+
+
 def sampling_settings(greedy: bool = True, samples: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                       top_k: int | None = None, seed: int = 0, max_new_tokens: int = 256) -> SamplingSettings:
     """Evaluation's decoding arguments (`samples` = K answers per problem) as the shared settings type."""
+    if isinstance(samples, int) and samples > MAX_EVAL_SAMPLES:
+        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem (each "
+                         f"problem's answers are generated together); use at most {MAX_EVAL_SAMPLES}")
     return SamplingSettings(num_generations=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, greedy=greedy, seed=seed)
 
@@ -480,7 +503,7 @@ def _read_complete_rows(path: Path) -> list[Row]:
     end = len(data)
     rows: list[Row] = []
     seen: set[tuple[str, int]] = set()
-    for number, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
+    for number, line in enumerate(split_jsonl_lines(data[:end].decode("utf-8")), start=1):
         if not line.strip():
             continue
         try:
@@ -603,6 +626,19 @@ def _template_digest(template: PromptTemplate) -> str:
     return hashlib.sha256(json.dumps(template.text_fields(), sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
+#: `echoink eval` with stderr sent to a file: one progress line per this many answers (and one at the end).
+PROGRESS_LINE_EVERY = 50
+
+
+def _progress_line(counts: dict, total: int, elapsed: float, accuracy: str, speed: str) -> str:
+    """`eval 150/1000 answers | accuracy 62.0% | 1.23 items/s | ETA 0:11:30`"""
+    line = f"eval {counts['n']}/{total} answers | accuracy {accuracy} | {speed} items/s"
+    if counts["new"] and elapsed > 0:
+        left = round((total - counts["n"]) * elapsed / counts["new"])
+        line += f" | ETA {left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}"
+    return line
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 120 else text[:117] + "..."
@@ -610,7 +646,8 @@ def _short(value: Any) -> str:
 
 @contextmanager
 def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
-    """Yield `advance(batch_rows)`; with `enabled`, a rich bar (on stderr) shows items/s and running accuracy."""
+    """Yield `advance(batch_rows)`; with `enabled`, a rich bar (on stderr) shows items/s and running accuracy,
+    or, when stderr is not a terminal (a log file), a plain line every PROGRESS_LINE_EVERY items and at the end."""
     if not enabled:
         yield lambda batch_rows: None
         return
@@ -627,15 +664,32 @@ def _progress_bar(enabled: bool, *, total: int, done: int, rows: list[Row]):
         speed = f"{counts['new'] / elapsed:.2f}" if counts["new"] and elapsed > 0 else "-"
         return {"accuracy": accuracy, "speed": speed}
 
+    def count(batch_rows: list[Row]) -> None:
+        counts["n"] += len(batch_rows)
+        counts["new"] += len(batch_rows)
+        counts["correct"] += sum(bool(row["correct"]) for row in batch_rows)
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a bar would show nothing until the end in a log file
+        last_line = {"n": counts["n"]}
+
+        def line(batch_rows: list[Row]) -> None:
+            count(batch_rows)
+            if counts["n"] - last_line["n"] >= PROGRESS_LINE_EVERY or counts["n"] >= total:
+                last_line["n"] = counts["n"]
+                console.print(_progress_line(counts, total, time.perf_counter() - started, **fields()),
+                              soft_wrap=True, highlight=False, markup=False)
+
+        yield line
+        return
+
     columns = (TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[speed]} items/s"),
                TextColumn("acc {task.fields[accuracy]}"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("eval", total=total, completed=done, **fields())
 
         def advance(batch_rows: list[Row]) -> None:
-            counts["n"] += len(batch_rows)
-            counts["new"] += len(batch_rows)
-            counts["correct"] += sum(bool(row["correct"]) for row in batch_rows)
+            count(batch_rows)
             bar.update(task, advance=len(batch_rows), **fields())
 
         yield advance

@@ -39,6 +39,7 @@ from echoink.compat import (
     restore_zero3_hooks,
 )
 from echoink.config import ConfigError
+from echoink.grpo.trackers import make_trackers
 
 _AUTO = "auto"
 
@@ -72,7 +73,7 @@ def make_accelerator(config) -> Accelerator:
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR scheduler once per
     # process at every update (its DataLoader convention), running the schedule num_processes times too fast
     accelerator = Accelerator(cpu=cpu, mixed_precision="bf16" if config.bf16 else "no", kwargs_handlers=handlers,
-                              step_scheduler_with_optimizer=False, log_with=config.report_to or None,
+                              step_scheduler_with_optimizer=False, log_with=make_trackers(config) or None,
                               project_dir=config.output_dir)
     if launched > 1 and accelerator.num_processes == 1:
         raise RuntimeError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate formed no "

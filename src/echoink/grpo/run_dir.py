@@ -1,6 +1,7 @@
 """One run per output directory: a new run never mixes its steps into, or overwrites, a previous one.
 
-`check_output_dir` runs at the very start of `train`, before anything is loaded or written:
+`locked_output_dir` holds the directory's lock for the whole run: a second run into it fails at once, naming the
+one that holds it (`echoink.run_lock`). `check_output_dir` then runs, before anything is loaded or written:
 
     output_dir is a file                        -> error
     output_dir holds no run                     -> start (a missing or empty directory, or unrelated files)
@@ -17,10 +18,13 @@ directories). Clearing removes only those entries, never other files a user keep
 from __future__ import annotations
 
 import shutil
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 from echoink.config import ConfigError, TrainConfig
 from echoink.grpo.checkpoint import checkpoint_dirs
+from echoink.run_lock import directory_lock, hold_lock, is_main_launch_process
 
 #: What a training run writes in output_dir besides checkpoints ("echoink": report_to trackers' logs).
 RUN_ENTRIES = ("metrics.jsonl", "completions.jsonl", "config.resolved.json", "final", "adapter", ".final.tmp",
@@ -40,6 +44,22 @@ def previous_run_entries(output_dir: str | Path) -> list[Path]:
     found += sorted(p for p in output_dir.iterdir()
                     if p.name.startswith(("checkpoint-", ".checkpoint-")) and p.is_dir())
     return found
+
+
+@contextmanager
+def locked_output_dir(output_dir: str | Path) -> Iterator[None]:
+    """Hold `output_dir`'s lock for the `with` block (the main process of a launch only: one lock for the run).
+
+    Raises OutputDirError for an output_dir that is a file, LockedError (naming the holder) when another run
+    holds it. See `echoink.run_lock`.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise OutputDirError(f"output_dir {output_dir} is a file, not a directory; choose another output_dir")
+    lock = hold_lock(directory_lock(output_dir), f"output_dir {output_dir}") if is_main_launch_process() \
+        else nullcontext()
+    with lock:
+        yield
 
 
 def check_output_dir(config: TrainConfig, resume_from: str | Path | None = None) -> list[Path]:

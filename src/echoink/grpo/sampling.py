@@ -11,7 +11,8 @@ adds nothing to the gradient. Two ways not to pay for such groups:
   `per_device_train_batch_size` further prompts until every process holds that many informative groups
   (all processes run the same number of rounds, at most `max_sampling_rounds`); surplus informative
   groups are discarded and counted; when the rounds run out, the micro-batch is topped up with the most
-  recent uninformative groups (which the skip then leaves out) and trained on as is.
+  recent uninformative groups (which the skip then leaves out) and trained on as is. Only what the batch
+  can still use is kept while drawing (`GroupSelection`): memory stays bounded however many rounds run.
 
 With dynamic sampling the data position is state: `StepPrompts` draws rounds from `BatchPlan.round_indices`
 and the trainer saves the number of rounds consumed in every checkpoint.
@@ -19,7 +20,8 @@ and the trainer saves the number of rounds consumed in every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 
@@ -65,3 +67,45 @@ class StepPrompts:
         indices = self.plan.round_indices(self.first_round + self.rounds_used, self.rank)
         self.rounds_used += 1
         return [self.records[i] for i in indices]
+
+
+@dataclass
+class GroupSelection:
+    """The groups a dynamic-sampling micro-batch keeps while it draws rounds, in bounded memory.
+
+    Holds the first `wanted` informative groups and the `wanted` most recent uninformative ones (the
+    fillers), never more; everything else is only counted. `chosen()` is what the micro-batch trains on:
+    the informative groups in draw order, then the most recent fillers (newest first) up to `wanted`.
+    Items are `(record, Group, rewards [G, R])`; `weights` [R] make the totals.
+    """
+
+    wanted: int
+    weights: torch.Tensor
+    useful: list = field(default_factory=list)
+    fillers: deque = field(default_factory=deque)
+    seen: int = 0
+    informative_seen: int = 0
+
+    def add(self, items: list[tuple]) -> None:
+        for item in items:
+            self.seen += 1
+            if informative(item[2], self.weights):
+                self.informative_seen += 1
+                if len(self.useful) < self.wanted:
+                    self.useful.append(item)
+            else:
+                self.fillers.append(item)
+                if len(self.fillers) > self.wanted:
+                    self.fillers.popleft()
+
+    @property
+    def enough(self) -> bool:
+        return len(self.useful) >= self.wanted
+
+    def chosen(self) -> list[tuple]:
+        return self.useful + list(reversed(self.fillers))[: self.wanted - len(self.useful)]
+
+    @property
+    def surplus(self) -> int:
+        """Groups rolled out (not skipped) that the micro-batch does not train on."""
+        return self.seen - len(self.chosen())

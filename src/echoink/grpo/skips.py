@@ -6,7 +6,9 @@
   `max_skipped_prompt_fraction` of their prompts are skipped — as soon as that is certain — the run
   stops with the prompt-length statistics, instead of "training" on almost nothing and exiting 0.
   "Certain": skipped > fraction x (prompts seen + prompts_per_step x checked steps still to come), i.e.
-  even if every prompt still to come fits (dynamic sampling may draw more than prompts_per_step).
+  even if every prompt still to come fits (dynamic sampling may draw more than prompts_per_step). A run
+  with fewer steps than the window (`max_steps` 1 or 2) is checked over all its steps, so it is decided by
+  its last step at the latest and never ends with exit status 0 and an untrained model.
 * `RecordSkips`: a record whose media fail to decode during training (a file `echoink data validate`
   only decodes with `--check-media`) is skipped with its file named and counted (`skipped_records`); one
   more than `max_skipped_records` stops the run.
@@ -30,10 +32,12 @@ class SkipLimitError(ValueError):
 class PromptSkips:
     """Counts prompts over `max_prompt_length`; stops the run when the first steps skip too many."""
 
-    def __init__(self, config: TrainConfig, prompts_per_step: int) -> None:
+    def __init__(self, config: TrainConfig, prompts_per_step: int, steps_to_run: int | None = None) -> None:
         self.max_length = config.max_prompt_length
         self.max_fraction = config.max_skipped_prompt_fraction
-        self.check_steps = config.skipped_prompt_check_steps
+        # a run shorter than the window is checked over all of its steps: decided at its end at the latest
+        self.check_steps = min(config.skipped_prompt_check_steps, steps_to_run if steps_to_run is not None
+                               else config.skipped_prompt_check_steps)
         self.prompts_per_step = prompts_per_step  # over every rank (the fewest a step draws)
         self.steps_done = 0
         self.step_skipped = self.step_seen = 0   # this rank, this step

@@ -41,8 +41,9 @@ from echoink.grpo.distributed import (
 )
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
+from echoink.grpo.nonfinite import NonFiniteModelError, weights_finite
 from echoink.grpo.rollout import sample_group
-from echoink.grpo.sampling import StepPrompts, informative, skips_zero_advantage_groups
+from echoink.grpo.sampling import GroupSelection, StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step_metrics import step_metrics
@@ -77,13 +78,18 @@ class StepContext:
     template: PromptTemplate
     model_dtype: torch.dtype
     consecutive_nonfinite: int = 0   # state that spans steps: this, and the two skip counters below
+    steps_to_run: int | None = None  # steps this run (or resumed run) will take: a shorter run decides skips at its end
     prompt_skips: PromptSkips = field(init=False)  # prompts over max_prompt_length; too many early on stop the run
     record_skips: RecordSkips = field(init=False)  # records whose media fail to decode: named, up to a limit
+
+    @property
+    def trained_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
 
     def __post_init__(self) -> None:
         prompts_per_step = (self.config.per_device_train_batch_size * self.accelerator.num_processes
                             * self.config.gradient_accumulation_steps)
-        self.prompt_skips = PromptSkips(self.config, prompts_per_step)
+        self.prompt_skips = PromptSkips(self.config, prompts_per_step, self.steps_to_run)
         self.record_skips = RecordSkips(self.config)
 
 
@@ -103,6 +109,10 @@ def grpo_step(context: StepContext, prompts: StepPrompts) -> StepResult:
     seconds = batch.stats["rollout_seconds"] + batch.stats["logprob_seconds"] + update_metrics["backward_seconds"]
     metrics["tokens_per_second"] = batch.counts.tokens / batch.counts.world_size / seconds if seconds > 0 else 0.0
     return StepResult(metrics=metrics, groups=batch.groups)
+
+
+#: With dynamic sampling, a line on stderr every this many draw rounds of one micro-batch (rounds, informative share).
+SAMPLING_REPORT_ROUNDS = 8
 
 
 # ---- collect -------------------------------------------------------------------------------------------
@@ -152,23 +162,27 @@ def collect(context: StepContext, prompts: StepPrompts) -> CollectedBatch:
 
 def _draw_micro_batch(context: StepContext, prompts: StepPrompts, index: int) -> _Draw:
     """Roll out micro-batch `index`'s planned prompts; with dynamic sampling, draw further rounds until every
-    process holds `per_device_train_batch_size` informative groups (or `max_sampling_rounds` is reached)."""
-    config, accelerator, weights = context.config, context.accelerator, context.rewards.weights
+    process holds `per_device_train_batch_size` informative groups (or `max_sampling_rounds` is reached),
+    keeping only what the batch can still use (`GroupSelection`)."""
+    config, accelerator = context.config, context.accelerator
     kept, skipped = _rollouts(context, prompts.planned(index))
     rounds, rolled_out = 1, len(kept)
     if not config.dynamic_sampling:
         return _Draw(kept, skipped, rounds, rolled_out, surplus=0)
-    wanted = config.per_device_train_batch_size
-
-    def enough() -> bool:
-        return sum(informative(rewards, weights) for _, _, rewards in kept) >= wanted
-
-    while rounds < config.max_sampling_rounds and _any_process(accelerator, not enough()):
+    selection = GroupSelection(config.per_device_train_batch_size, context.rewards.weights)
+    selection.add(kept)
+    while rounds < config.max_sampling_rounds and _any_process(accelerator, not selection.enough):
         more, more_skipped = _rollouts(context, prompts.next_round())
-        kept, skipped, rounds, rolled_out = kept + more, skipped + more_skipped, rounds + 1, rolled_out + len(more)
-    useful = [item for item in kept if informative(item[2], weights)][:wanted]
-    fillers = [item for item in kept if not informative(item[2], weights)][::-1][: wanted - len(useful)]
-    return _Draw(useful + fillers, skipped, rounds, rolled_out, surplus=len(kept) - len(useful) - len(fillers))
+        selection.add(more)
+        skipped, rounds, rolled_out = skipped + more_skipped, rounds + 1, rolled_out + len(more)
+        if rounds % SAMPLING_REPORT_ROUNDS == 0:  # the same rounds on every process: the sum is collective
+            informative_groups, groups = sum_over_processes(accelerator, [selection.informative_seen, selection.seen])
+            if accelerator.is_main_process:
+                print(f"dynamic sampling, step {prompts.step + 1}, micro-batch {index + 1}: {rounds} rounds so far "
+                      f"(max_sampling_rounds={config.max_sampling_rounds}), {int(informative_groups)} of "
+                      f"{int(groups)} groups informative ({100 * informative_groups / max(groups, 1):.1f}%)",
+                      file=sys.stderr, flush=True)
+    return _Draw(selection.chosen(), skipped, rounds, rolled_out, surplus=selection.surplus)
 
 
 def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
@@ -282,6 +296,8 @@ def update(context: StepContext, batch: CollectedBatch) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if _any_process(accelerator, not weights_finite(context.trained_parameters)):  # before the next rollout
+            raise NonFiniteModelError("the weights after this step's update are not finite (or overflow)")
     _count_nonfinite(context, nonfinite_updates)
     metrics = {key: sum(s[key] for s in loss_stats) / len(loss_stats) for key in (loss_stats[0] if loss_stats else {})}
     metrics.update({"grad_norm": grad_norm, "nonfinite_steps": float(nonfinite_updates > 0),

@@ -22,6 +22,7 @@ from echoink.data import load_dataset
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import (
     changed_settings,
+    latest_checkpoint,
     choose_resume_checkpoint,
     load_checkpoint_state,
     run_settings,
@@ -31,11 +32,14 @@ from echoink.grpo.checkpoint import (
 from echoink.grpo.distributed import check_dataset_modalities, make_accelerator, make_reference
 from echoink.grpo.logprobs import Policy
 from echoink.grpo.loss import GRPOLoss
-from echoink.grpo.run_dir import check_output_dir, clear_previous_run
+from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError
+from echoink.grpo.preemption import Preempted, PreemptionNotice
+from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
 from echoink.grpo.run_log import RunLog
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
-from echoink.grpo.step import StepContext, grpo_step
+from echoink.grpo.step import NonFiniteError, StepContext, grpo_step
+from echoink.grpo.zero_signal import ZeroSignalWatch
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
 from echoink.model.generation import SamplingSettings
@@ -58,6 +62,12 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         raise ValueError("config: model_path is required")
     if not config.train_data:
         raise ValueError("config: train_data is required")
+    with locked_output_dir(config.output_dir):  # one run per output_dir at a time (run_dir.py)
+        return _train(config, resume_from, progress, evaluate)
+
+
+def _train(config: TrainConfig, resume_from: str | None, progress: bool,
+           evaluate: Callable[[torch.nn.Module, object], dict] | None) -> Path:
     previous_run = check_output_dir(config, resume_from)  # never mix two runs in one output_dir (run_dir.py)
     register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
@@ -77,8 +87,9 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
     accelerator.wait_for_everyone()
     arithmetic = config.step_arithmetic(len(records), accelerator.num_processes)
-    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress,
-                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print)
+    log = RunLog(output_dir, accelerator, arithmetic["total_steps"], enabled=progress and not config.disable_tqdm,
+                 log_completions=config.log_completions, num_completions_to_print=config.num_completions_to_print,
+                 logging_first_step=config.logging_first_step)
     log.announce(config, arithmetic, len(records))
     if config.beta > 0 and skips_zero_advantage_groups(config):
         log.note("skip_zero_advantage_groups with beta > 0: groups whose rewards are all equal get no update, so "
@@ -91,7 +102,10 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
     # --- 2. model, reference, optimizer ---
     # fp32 master weights for whatever trains; under LoRA + bf16 the frozen base is held in bf16 (half the memory)
     base_dtype = "bfloat16" if config.use_peft and config.bf16 else "float32"
+    log.note(f"loading the model from {config.model_path} ...")
+    loading_started = time.monotonic()
     thinker, processor = load_thinker(config.model_path, dtype=base_dtype, attn_implementation=config.attn_implementation)
+    log.note(f"model loaded in {time.monotonic() - loading_started:.0f} s")
     prepare_for_training(thinker, config)  # family checks (group sharing it cannot do) and the router aux-loss weight
     apply_freezing(thinker, freeze_vision=config.freeze_vision, freeze_audio=config.freeze_audio)
     peft_model = wrap_lora(thinker, config) if config.use_peft else None
@@ -106,8 +120,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
                                   weight_decay=config.weight_decay)
     updates = arithmetic["total_steps"] * config.num_iterations
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=int(config.warmup_ratio * updates),
-                              num_training_steps=updates)
+    warmup = config.warmup_steps * config.num_iterations if config.warmup_steps else int(config.warmup_ratio * updates)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     thinker = accelerator.unwrap_model(policy).thinker
 
@@ -138,31 +152,53 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype)
+                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
+                          steps_to_run=arithmetic["total_steps"] - start_step)
 
-    # --- 4. the loop ---
-    for step in range(start_step, arithmetic["total_steps"]):
-        t0 = time.perf_counter()
-        prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
-                              first_round=data_position)
-        result = grpo_step(context, prompts)
-        data_position += prompts.rounds_used
-        result.metrics["step_seconds"] = time.perf_counter() - t0
-        result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
-        if evaluate is not None and (step + 1) % config.eval_steps == 0:
-            result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
-        log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
-        if config.save_steps and (step + 1) % config.save_steps == 0:
-            state = {"step": step + 1, "prompts_seen": (step + 1) * plan.prompts_per_step,
-                     **run_settings(config, accelerator.num_processes)}  # compared on resume
-            if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
-                state.update(data_position=data_position,
-                             prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
-            save_checkpoint(accelerator, save_model, output_dir, step + 1, state,
-                            save_total_limit=config.save_total_limit)
+    # --- 4. the loop (SIGTERM / SIGUSR1: finish the step, checkpoint, exit; preemption.py) ---
+    def checkpoint(step: int) -> Path:
+        state = {"step": step, "prompts_seen": step * plan.prompts_per_step,
+                 **run_settings(config, accelerator.num_processes)}  # compared on resume
+        if config.dynamic_sampling:  # the data position is state only here (draw rounds consumed)
+            state.update(data_position=data_position,
+                         prompts_seen=data_position * plan.per_device_batch * plan.num_processes)
+        saved = save_checkpoint(accelerator, save_model, output_dir, step, state,
+                                save_total_limit=config.save_total_limit)
+        log.checkpoint_saved(step, saved)
+        return saved
+
+    log.begin(start_step)  # the bar and the pace count from the resumed step
+    zero_signal = ZeroSignalWatch()  # warns when several steps in a row learn nothing
+    with PreemptionNotice() as notice:
+        for step in range(start_step, arithmetic["total_steps"]):
+            t0 = time.perf_counter()
+            prompts = StepPrompts(plan, records, accelerator.process_index, step, dynamic=config.dynamic_sampling,
+                                  first_round=data_position)
+            try:
+                with LogitsGuard(thinker):  # nothing non-finite reaches a rollout (nonfinite.py)
+                    result = grpo_step(context, prompts)
+            except NonFiniteModelError as exc:
+                raise NonFiniteError(_nonfinite_message(exc, step + 1, config)) from None
+            data_position += prompts.rounds_used
+            result.metrics["step_seconds"] = time.perf_counter() - t0
+            result.metrics["learning_rate"] = scheduler.get_last_lr()[0]
+            if evaluate is not None and (step + 1) % config.eval_steps == 0:
+                result.metrics.update(_evaluate_on_main(evaluate, thinker, processor, accelerator))
+            logged = log.step(step + 1, result.metrics, result.groups, rewards.names, every=config.logging_steps)
+            warning = zero_signal.observe(step + 1, logged)
+            if warning:
+                log.warn(warning)
+            periodic = bool(config.save_steps) and (step + 1) % config.save_steps == 0
+            if periodic:
+                checkpoint(step + 1)
+            if notice.requested(accelerator) and step + 1 < arithmetic["total_steps"]:
+                written = output_dir / f"checkpoint-{step + 1}" if periodic else checkpoint(step + 1)
+                log.close()
+                raise Preempted(notice.signal_name, step + 1, arithmetic["total_steps"], written)
 
     # --- 5. final model ---
     final = output_dir / "final"
+    log.note(f"saving the final model to {output_dir / 'adapter' if peft_model is not None else final}")
     accelerator.wait_for_everyone()
     save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
                      peft_model)  # under LoRA: output_dir/adapter (+ the merged thinker in final/ on request)
@@ -186,3 +222,12 @@ def _evaluate_on_main(evaluate, thinker, processor, accelerator) -> dict:
         thinker.train(was_training)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def _nonfinite_message(error: Exception, step: int, config: TrainConfig) -> str:
+    """The one line for weights or logits that stopped being finite: the step, the checkpoint, the setting."""
+    last = latest_checkpoint(config.output_dir)
+    resume = (f"the last good checkpoint is {last}: resume from it with a lower learning_rate" if last is not None
+              else "no checkpoint was written before it: start again with a lower learning_rate")
+    return (f"step {step}: {error}; the run stopped before the next rollout. Likely setting: learning_rate="
+            f"{config.learning_rate} (max_grad_norm={config.max_grad_norm}); {resume}")

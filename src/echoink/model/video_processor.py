@@ -21,6 +21,8 @@ from transformers.video_processing_utils import VideoProcessorMixin
 
 from echoink.data.media import smart_resize
 
+#: The transformers class whose saved settings `NumpyQwenVideoProcessor.to_dict` writes (torchvision-based).
+PUBLISHED_VIDEO_PROCESSOR = "Qwen2VLVideoProcessor"
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -105,13 +107,24 @@ class NumpyQwenVideoProcessor(VideoProcessorMixin):
         return x.reshape(gt * gh * gw, c * tp * p * p), [gt, gh, gw]
 
     def to_dict(self) -> dict:
+        """The settings as transformers' own `Qwen2VLVideoProcessor` saves them, naming that class: the file
+        echoink writes (video_preprocessor_config.json) is the published checkpoints' kind, which
+        `AutoProcessor` loads wherever torchvision is installed; echoink reads it back into this class."""
         return {
-            "video_processor_type": type(self).__name__,
+            "video_processor_type": PUBLISHED_VIDEO_PROCESSOR,
+            "do_resize": True,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "resample": 3,  # bicubic: how echoink.data.media resizes frames
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "do_convert_rgb": True,
+            "do_sample_frames": False,  # echoink samples the frames when it decodes the video
             "patch_size": self.patch_size,
             "temporal_patch_size": self.temporal_patch_size,
             "merge_size": self.merge_size,
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-            "image_mean": self.image_mean,
-            "image_std": self.image_std,
         }
