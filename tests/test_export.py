@@ -58,7 +58,7 @@ def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_
 
     final = trained_run / "final"
     card = (final / "README.md").read_text()
-    assert card.startswith("---\nbase_model: ") and "## Reward curves" in card and "| `reward` |" in card
+    assert card.startswith("---\n") and "## Reward curves" in card and "| `reward` |" in card
     exported = tmp_path / "exported"
     runner = CliRunner()
     result = runner.invoke(app, ["export", "--model", str(final), "--base", str(tiny_full_dir), "--out", str(exported)])
@@ -131,8 +131,12 @@ def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, 
     from echoink.model.families import write_tiny_checkpoint as write_family_checkpoint
 
     qwen3 = write_family_checkpoint(tmp_path / "qwen3_full", family="qwen3-omni", layout="full")
-    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+    with pytest.raises(ExportError, match="does not fit base .*: architecture: the trained model is Qwen2.5-Omni, "
+                                          "the base Qwen3-Omni"):
         export_model(tiny_model_dir, out, base_dir=qwen3)
+    qwen3_thinker = write_family_checkpoint(tmp_path / "qwen3_thinker", family="qwen3-omni", layout="thinker")
+    with pytest.raises(ExportError, match="export to the Qwen3-Omni full layout is not implemented"):
+        export_model(qwen3_thinker, out, base_dir=qwen3)
     with pytest.raises(ExportError, match="needs --base"):
         export_model(tiny_model_dir, out)
     with pytest.raises(ExportError, match="model_type 'qwen2_5_omni_thinker'"):
@@ -172,12 +176,52 @@ def test_model_card_from_a_run_with_a_cut_metrics_line(tmp_path):
     assert "\n# run/final\n" in card
     assert "| `kl` | β = 0: no KL term |" in card and "`lora_r`" not in card
     header = card.split("---\n")[1]
-    assert "license: apache-2.0" in header and f"base_model: {base}" in header and "library_name: transformers" in header
-    assert "- AVQA_R1/train/omni_rl_format_train.json" in header
+    assert "license: apache-2.0" in header and "library_name: transformers" in header
+    assert str(base) not in header and "AVQA_R1" not in header  # local paths are no Hub ids
+    assert "no base_model" in card and "--base-model-id" in card
     assert "| `num_generations` | `16` |" in card and "| logged steps | 10 (last step 10) |" in card
     assert "| `reward` | 0.6 | 1.5 |" in card                      # first and last logged values
     assert "| 10 | 60.0 | [40.0, 80.0] | 20 |" in card               # the in-training eval table
     assert "metrics.jsonl:11: invalid JSON" in card and "ignored" in card
+
+
+def test_model_card_metadata_for_the_hub(tmp_path):
+    """huggingface_hub reads the header: Hub ids for base model and data, a named license, a model-index with
+    each predictions file's accuracy; the prompt template and media caps are stated (issue 22, item 9)."""
+    from huggingface_hub import ModelCard
+
+    from echoink.eval.run import run_file_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    predictions = tmp_path / "rl_greedy.jsonl"
+    predictions.write_text("".join(json.dumps({"problem_id": i, "gt": "A", "pred": "A", "correct": i < 3,
+                                               "reply": "<answer>A</answer>"}) + "\n" for i in range(4)))
+    run_file_path(predictions).write_text(json.dumps({"data": "/data/AVQA_R1/valid/omni_rl_format_valid.json"}))
+    config = {"model_path": "/models/Qwen2.5-Omni-7B", "train_data": "/data/train.json", "max_pixels": 200704,
+              "max_audio_seconds": 10.0, "video_fps": 2.0, "video_max_frames": 16,
+              "prompt_template": {"instruction": "Think in ``` fences, then answer.", "system_prompt": "Be brief."}}
+    path = write_model_card(model, config=config, predictions=[predictions], base_model_id="Qwen/Qwen2.5-Omni-7B",
+                            dataset_id="harryhsing/OmniInstruct_V1_AVQA_R1", license="apache-2.0")
+    card = ModelCard.load(path)
+    assert card.data.base_model == "Qwen/Qwen2.5-Omni-7B"
+    assert card.data.datasets == ["harryhsing/OmniInstruct_V1_AVQA_R1"] and card.data.license == "apache-2.0"
+    assert card.data.library_name == "transformers" and card.data.model_name == "model"
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value) == ("accuracy", 75.0)
+    assert result.dataset_type == "harryhsing/OmniInstruct_V1_AVQA_R1" and result.task_type == "multiple-choice"
+    assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 75.0
+    text = path.read_text()
+    assert "````text\nThink in ``` fences, then answer.\n````" in text and "Be brief." in text
+    assert "| `max_pixels` | `200704` |" in text and "| `video_max_frames` | `16` |" in text
+    assert "custom-" in text  # the changed template's version
+
+    # without ids: no local path in the header, the data set named from the predictions' run signature
+    bare = ModelCard.load(write_model_card(model, config=config, predictions=[predictions]))
+    assert bare.data.base_model is None and bare.data.datasets is None and bare.data.license == "other"
+    assert bare.data.eval_results[0].dataset_name == "omni_rl_format_valid"
+    assert ModelCard.load(write_model_card(model, config={**config, "model_path": "Qwen/Qwen2.5-Omni-3B"})
+                          ).data.base_model == "Qwen/Qwen2.5-Omni-3B"
 
 
 def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tmp_path):

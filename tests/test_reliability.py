@@ -490,3 +490,53 @@ def test_eval_samples_have_a_ceiling_checked_before_the_model_loads(mixed_datase
     wide = CliRunner().invoke(app, [*common, "--samples", "1024", "--batch-size", "8"])
     _one_line_error(wide, "--batch-size 8 x --samples 1024 = 8192 replies generated at once, more than 4096; "
                           "lower --batch-size to at most 4")
+
+
+# ---- item 10: the smaller ones --------------------------------------------------------------------------------
+
+def test_export_onto_a_truncated_base_names_the_file(tiny_model_dir, tiny_full_dir, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_full_dir, base)
+    from safetensors import safe_open
+
+    weights = sorted(base.glob("*.safetensors"))
+    cut = weights[-1]
+    if not (base / "model.safetensors.index.json").is_file():  # sharded layout: files are opened only to copy
+        with safe_open(str(cut), "pt") as handle:
+            weight_map = {name: cut.name for name in handle.keys()}
+        (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    result = CliRunner().invoke(app, ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out"),
+                                      "--base", str(base)])
+    _one_line_error(result, f"{cut}: not a readable safetensors file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_user_text_keeps_its_square_brackets(tmp_path, mixed_dataset):
+    items = [item for item in json.loads((mixed_dataset / "valid" / "omni_rl_format_valid.json").read_text())
+             if item["data_type"] == "text"][:1]
+    items[0].update(problem_type="temporal retrieval", solution="<answer>[nan, 3]</answer>", duration=10)
+    items[0].pop("options", None)
+    path = tmp_path / "[bold]data.json"
+    path.write_text(json.dumps(items))
+    result = CliRunner().invoke(app, ["data", "validate", str(path)], terminal_width=400)
+    assert result.exit_code == 1
+    assert "[nan, 3]" in result.output and f"{path}:0:solution" in result.output
+
+
+def test_a_run_named_with_dollar_signs_is_plotted_and_reported(tmp_path):
+    run_dir = tmp_path / "run $x_1$ cost $5"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s}) + "\n" for s in (1, 2)))
+    assert CliRunner().invoke(app, ["plot", str(run_dir)]).exit_code == 0
+    result = CliRunner().invoke(app, ["report", str(run_dir), "--no-media"])
+    assert result.exit_code == 0, result.output
+    assert "run $x_1$ cost $5" in (run_dir / "report.html").read_text()
+
+
+def test_num_completions_to_print_negative_says_so_once():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["num_completions_to_print=-1"])
+    assert str(caught.value).count("num_completions_to_print must be >= 0") == 1

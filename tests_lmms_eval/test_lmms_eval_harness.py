@@ -178,3 +178,30 @@ def test_task_prompt_on_echoink_documents_is_the_training_prompt(tmp_path):
         assert a.input_ids.tolist() == b.input_ids.tolist(), doc["data_type"]
         assert set(a.media) == set(b.media) and a.use_audio_in_video == b.use_audio_in_video
         assert all(torch.equal(a.media[key], b.media[key]) for key in a.media)
+
+
+def test_the_template_saved_with_the_model_is_used(tmp_path):
+    """A model trained with another template and caps answers lmms-eval with them, as `echoink eval` does."""
+    from echoink.data.records import load_dataset
+    from echoink.data.synth import write_synthetic_dataset
+    from echoink.eval.lmms_task import write_lmms_task
+    from echoink.lmms_eval_plugin.model import EchoinkModel
+    from echoink.model.inputs import MediaOptions, encode_prompt
+    from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
+    from echoink.model.tiny import write_tiny_checkpoint
+    from echoink.prompts import PromptTemplate
+
+    write_synthetic_dataset(tmp_path / "synth", n_train=0, n_valid=4, seed=5)
+    data = tmp_path / "synth" / "valid" / "omni_rl_format_valid.json"
+    task = write_lmms_task(data, tmp_path / "task")
+    write_tiny_checkpoint(tmp_path / "tiny", layout="thinker", seed=0)
+    settings = PromptSettings(PromptTemplate.from_dict({"instruction": "Think briefly."}),
+                              MediaOptions(max_audio_seconds=2.0, max_pixels=64 * 28 * 28))
+    write_prompt_settings(tmp_path / "tiny", settings)
+    model = EchoinkModel(pretrained=str(tmp_path / "tiny"), dtype="float32")
+    assert (model.template, model.media_options) == (settings.template, settings.media)
+    records = load_dataset(data)
+    for line in task.docs_path.read_text().splitlines():
+        doc = json.loads(line)
+        expected = encode_prompt(records[doc["echoink_index"]], model.processor, settings.media, settings.template)
+        assert model._encode(doc["prompt"], doc, None).input_ids.tolist() == expected.input_ids.tolist()

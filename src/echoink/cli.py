@@ -120,6 +120,7 @@ def data_validate(
     """Validate a dataset file and print statistics; exit 1 on any problem."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from echoink.config import ConfigError, load_config
     from echoink.data.report import build_report
@@ -131,10 +132,10 @@ def data_validate(
             _fail(str(exc))
     _register_problem_types(problem_types)
 
-    console = Console()
+    console = Console(markup=False, highlight=False)  # user text (paths, values) printed literally: "[nan, 3]" too
     report = build_report(path, check_media=check_media)
     for problem in report.problems:
-        console.print(f"[red]error[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+        console.print(Text.assemble(("error", "red"), " ", problem), soft_wrap=True)
 
     table = Table(title=f"{path} — {len(report.records)} valid record(s)", show_header=True)
     table.add_column("statistic")
@@ -154,9 +155,9 @@ def data_validate(
     table.add_row("media decoded", "yes" if report.media_checked else "no (use --check-media)")
     console.print(table)
     if not report.ok:
-        console.print(f"[red]{len(report.problems)} problem(s) found[/red]")
+        console.print(f"{len(report.problems)} problem(s) found", style="red")
         raise typer.Exit(code=1)
-    console.print("[green]ok[/green]")
+    console.print("ok", style="green")
 
 
 @data_app.command("synth", cls=FlagCommand)
@@ -183,7 +184,7 @@ def data_synth(
         result = write_synthetic_dataset(out, train, valid, seed, families=chosen, shuffle_options=shuffle_options)
     except ValueError as exc:
         _fail(str(exc))
-    console = Console()
+    console = Console(markup=False)
     for split, info in result["splits"].items():
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(info["families"].items()))
         console.print(f"{split}: {info['count']} items -> {info['json']}  ({mix})", highlight=False)
@@ -206,7 +207,7 @@ def data_convert_omniinstruct(
         report = convert_omniinstruct(source, split, out)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    Console().print(report.summary(), highlight=False)
+    Console(markup=False).print(report.summary(), highlight=False)
 
 
 @data_app.command("convert-avqa", cls=FlagCommand)
@@ -422,8 +423,16 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="A run's config.resolved.json (or training YAML): prompt with its "
+                                               "template, media caps and problem types instead of those saved "
+                                               "with the model (echoink_prompt.json)."),
 ) -> None:
-    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
+    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy.
+
+    With --protocol ours a trained model is prompted as it was trained: the prompt template and media caps
+    saved with it (echoink_prompt.json), or those of --config; the first line says which.
+    """
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
@@ -435,6 +444,7 @@ def eval_command(
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+    prompt = _eval_prompt_settings(model, config, protocol, given_problem_types=bool(problem_types))
     sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k}
     if protocol == "echoink":
         fixed = [name for name, value in {**sampling_options, "--max-new-tokens": max_new_tokens}.items()
@@ -459,7 +469,7 @@ def eval_command(
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
             top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens or 256, ablate=ablate,
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
-            protocol=protocol, base_model=base_model,
+            protocol=protocol, base_model=base_model, **prompt,
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
@@ -489,6 +499,28 @@ def lmms_eval_task_command(
     typer.echo(f"wrote task {task.name} ({task.count} documents; data types {', '.join(task.data_types)}) to "
                f"{task.yaml_path}\nrun: lmms-eval --model echoink --model_args pretrained=MODEL_DIR "
                f"--tasks {task.name} --include_path {task.yaml_path.parent}")
+
+
+def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, given_problem_types: bool) -> dict:
+    """evaluate()'s template and media_options for --protocol ours (printed with where they came from);
+    nothing for --protocol echoink, which fixes its own."""
+    from echoink.model.prompt_settings import PromptSettingsError, settings_for_eval
+
+    if protocol != "ours":
+        if config is not None:
+            _fail(f"--protocol {protocol} uses its own prompt and media caps: drop --config")
+        return {}
+    try:
+        settings, source = settings_for_eval(model, config)
+    except PromptSettingsError as exc:
+        _fail(str(exc))
+    if settings.problem_types and config is not None:
+        _register_problem_types(list(settings.problem_types))  # a config the user named: as train does
+    elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
+        _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
+              f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
+    typer.echo(f"{settings.describe()} ({source})")
+    return {"template": settings.template, "media_options": settings.media}
 
 
 @app.command("metrics", cls=FlagCommand)
@@ -540,7 +572,7 @@ def metrics_command(
         typer.echo(to_strict_json(payload, indent=2))
         return
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # file names and groups printed literally
     console.print(file_legend(list(summaries)), soft_wrap=True)
     for table in measure_tables("Evaluation metrics (in %, 95% Wilson interval)",
                                 {name: summary_measures(s) for name, s in summaries.items()}):
@@ -575,6 +607,14 @@ def export_command(
     predictions: Optional[list[Path]] = typer.Option(None, "--predictions",
                                                      help="echoink eval output(s) to report in the model card "
                                                           "(repeatable)."),
+    base_model_id: Optional[str] = typer.Option(None, "--base-model-id",
+                                                help="The base's Hub id for the card's base_model, e.g. "
+                                                     "Qwen/Qwen2.5-Omni-7B (a local path is never written there)."),
+    dataset_id: Optional[str] = typer.Option(None, "--dataset-id",
+                                             help="The training data's Hub id for the card's datasets."),
+    license_id: Optional[str] = typer.Option(None, "--license",
+                                             help="The card's license (a Hub license id such as apache-2.0; "
+                                                  "default: the base's own card's, else other)."),
 ) -> None:
     """Export a trained model for transformers, vLLM, lmms-eval and ms-swift, with a model card (README.md)."""
     from echoink.export import ExportError, export_model
@@ -584,7 +624,9 @@ def export_command(
     check_writable(out.parent)
     try:
         result = export_model(model, out, base_dir=base, layout=layout, run_dir=run_dir,
-                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or ())
+                              max_shard_bytes=int(max_shard_gb * 1024**3), predictions=predictions or (),
+                              card_ids={"base_model_id": base_model_id, "dataset_id": dataset_id,
+                                        "license": license_id})
     except (ExportError, ModelLoadError) as exc:
         _fail(str(exc))
     merged = ", LoRA merged" if result.merged_lora else ""
@@ -672,7 +714,7 @@ def aha_command(
         report = mine_aha(source, out, phrases)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    console = Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True, markup=False)
     revisions = report["revisions"]
     console.print(f"{report['n_completions']} completions ({report['kind']}): "
                   f"{100 * report['reflection_rate']:.1f}% with a reflective expression, "

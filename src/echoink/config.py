@@ -237,8 +237,6 @@ class TrainConfig:
         check(len(self.reward_funcs) >= 1, "reward_funcs must name at least one reward")
         check(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
               f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has {len(self.reward_funcs)}")
-        check(self.num_completions_to_print >= 0,
-              f"num_completions_to_print must be >= 0, got {self.num_completions_to_print}")
         check(self.logging_steps >= 1, f"logging_steps must be >= 1, got {self.logging_steps}")
         check(self.save_steps >= 0, f"save_steps must be >= 0, got {self.save_steps}")
         check(self.save_total_limit is None or self.save_total_limit >= 1,

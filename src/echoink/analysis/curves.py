@@ -235,6 +235,6 @@ def training_figure(rows: Sequence[dict[str, Any]], run_name: str = "", beta: Op
         _draw_panel(axis, panel, rows, no_kl_term=beta == 0)
     n_steps = len({row["step"] for row in rows})
     figure.suptitle(f"Training dynamics: {run_name}  ({n_steps} logged steps, last step {rows[-1]['step']:g})",
-                    fontsize=14)
+                    fontsize=14, parse_math=False)  # a run named "$x$" or "a$b" is shown as written
     figure.tight_layout(rect=(0, 0, 1, 0.97))
     return figure

@@ -22,6 +22,7 @@ the export naming it. The output is built in a temporary sibling directory and m
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -81,13 +82,15 @@ def thinker_key(name: str) -> str:
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | Path | None = None,
                  layout: str = "full", max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 run_dir: str | Path | None = None, predictions: Sequence[str | Path] = ()) -> ExportResult:
+                 run_dir: str | Path | None = None, predictions: Sequence[str | Path] = (),
+                 card_ids: dict[str, str | None] | None = None) -> ExportResult:
     """Export the trained model in `model_dir` to `out_dir` (see the module docstring); returns what was written.
 
     `base_dir`: the base checkpoint in the published full layout (required for layout "full"; for "thinker" it
     is only compared against when given). `run_dir`: the training run whose logs the model card summarises
     (default: the directory above `model_dir` when it holds metrics.jsonl). `predictions`: `echoink eval` outputs
-    whose accuracy the card reports.
+    whose accuracy the card reports. `card_ids`: the card's `base_model_id`, `dataset_id` and `license` (Hub
+    ids; see `write_model_card`).
     Raises ExportError (one line) before writing anything when the inputs do not fit together.
     """
     from echoink.export.model_card import write_model_card
@@ -111,7 +114,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
             model_dir = _merge_lora(model_dir, base_dir, Path(scratch) / "merged")
         trained = _read_trained(model_dir)
         if base is not None:
-            _check_compatible(trained, base)
+            _check_compatible(trained, base)  # first: a model of another family "does not fit", whatever the layout
+        if layout == "full" and base.family.name not in EXPORTABLE_FAMILIES:
+            raise ExportError(f"{base.path / 'config.json'}: export to the {base.family.display_name} full layout is "
+                              f"not implemented (exportable: {', '.join(EXPORTABLE_FAMILIES)}); use --layout thinker")
         result = ExportResult(out_dir=out_dir, layout=layout, merged_lora=merged_lora)
         with building_directory(out_dir) as tmp:
             if layout == "thinker":
@@ -123,7 +129,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
                 _write_full(trained, base, tmp, max_shard_bytes, result)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
                              layout=layout, trained_from=str(model_dir) if not merged_lora else None,
-                             predictions=predictions, name=out_dir.name)
+                             predictions=predictions, name=out_dir.name, **(card_ids or {}))
     return result
 
 
@@ -196,9 +202,6 @@ def _read_base(path: Path) -> _Checkpoint:
     if not full:
         raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is a thinker-only "
                           f"checkpoint; the base must be the published full layout ({family.full_model_type!r})")
-    if family.name not in EXPORTABLE_FAMILIES:
-        raise ExportError(f"{path / 'config.json'}: export to the {family.display_name} full layout is not "
-                          f"implemented (exportable: {', '.join(EXPORTABLE_FAMILIES)})")
     if not isinstance(config.get("thinker_config"), dict):
         raise ExportError(f"{path / 'config.json'}: model_type {config.get('model_type')} but no thinker_config")
     tensors = {name: (file, name) for name, file in _tensor_files(path).items()}
@@ -266,11 +269,24 @@ def _check_compatible(trained: _Checkpoint, base: _Checkpoint) -> None:
                           "nothing was written")
 
 
+@contextmanager
+def _reading(file: Path) -> Iterator[object]:
+    """`safe_open` whose failures (a truncated or damaged file: safetensors' own error types) name the file."""
+    try:
+        with safe_open(str(file), "pt") as handle:
+            yield handle
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise ExportError(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]}); truncated or "
+                          "damaged: copy it again") from None
+
+
 def _shapes(checkpoint: _Checkpoint, names: set[str]) -> dict[str, list[int]]:
     """Published name -> shape, read from the safetensors headers (no tensor data is read)."""
     shapes = {}
     for file, members in _by_file(checkpoint, sorted(names)).items():
-        with safe_open(str(file), "pt") as handle:
+        with _reading(file) as handle:
             for name in members:
                 shapes[name] = list(handle.get_slice(checkpoint.tensors[name][1]).get_shape())
     return shapes
@@ -301,7 +317,7 @@ def _merge_lora(adapter_dir: Path, base_dir: str | Path | None, out: Path) -> Pa
 def _tensors_in_order(checkpoint: _Checkpoint, names: list[str]) -> Iterator[tuple[str, object]]:
     """(published name, tensor exactly as stored: dtype and bytes) for `names`, opening each file once."""
     for file, members in _by_file(checkpoint, names).items():
-        with safe_open(str(file), "pt") as handle:
+        with _reading(file) as handle:
             for name in members:
                 yield name, handle.get_tensor(checkpoint.tensors[name][1])
 

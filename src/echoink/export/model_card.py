@@ -1,11 +1,14 @@
 """A model card (README.md, Hugging Face convention) for every saved final model and export, written from what
 the run actually logged.
 
-    ---                               YAML header: base_model, license (the base's, from its README.md),
-    base_model: ...                   library_name, pipeline_tag, tags, datasets
-    ---
+    ---                               YAML header (huggingface_hub's ModelCardData): base_model and datasets
+    base_model: Qwen/...              as Hub ids (--base-model-id, --dataset-id; a local path is never written
+    ---                               there), license (--license, else the base's own card's), library_name,
+                                      pipeline_tag, tags, and a model-index with the accuracy of each
+                                      predictions file given
     # <model name>                    what it is, the layout, the base
     ## Training                       the settings that shape the result, from RUN_DIR/config.resolved.json
+    ## Prompt and media               the prompt template the model was trained with, and the media caps
     ## Reward curves                  per logged metric: first / last step, mean of the first and last tenth
     ## Evaluation                     in-training `eval/accuracy` by step; prediction files' accuracy (95% CI)
     ## How to load                    transformers (full layout) or echoink (thinker layout)
@@ -24,8 +27,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from echoink.eval.metrics import accuracy_summary, load_predictions
+from echoink.eval.run import run_file_path
+from echoink.prompts import PromptTemplate
 from echoink.io import JsonlError, read_jsonl_tolerant, write_text_atomic
 
 __all__ = ["CARD_FILE", "card_text", "write_model_card"]
@@ -41,12 +47,19 @@ CARD_SETTINGS = ("model_path", "train_data", "num_generations", "beta", "epsilon
 #: Logged metrics summarised under "Reward curves", in this order, when logged.
 CURVE_METRICS = ("reward", "rewards/accuracy", "rewards/format", "reward_std", "completion_length", "kl",
                  "skipped_prompts")
+#: The media settings the card states (TrainConfig names), in this order.
+MEDIA_SETTINGS = ("max_audio_seconds", "min_pixels", "max_pixels", "video_fps", "video_max_frames",
+                  "use_audio_in_video")
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*\n", re.DOTALL)
+#: A Hugging Face Hub repository id: "owner/name".
+_HUB_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def write_model_card(model_dir: str | Path, *, run_dir: str | Path | None = None, config: dict | None = None,
                      base: str | None = None, layout: str = "thinker", trained_from: str | None = None,
-                     predictions: Sequence[str | Path] = (), name: str | None = None) -> Path:
+                     predictions: Sequence[str | Path] = (), name: str | None = None,
+                     base_model_id: str | None = None, dataset_id: str | None = None,
+                     license: str | None = None) -> Path:
     """Write `model_dir`/README.md (atomically) and return its path; see :func:`card_text`. `name`: the card's
     title (default: the directory's name, or RUN/final for a run's final model)."""
     model_dir = Path(model_dir)
@@ -54,16 +67,20 @@ def write_model_card(model_dir: str | Path, *, run_dir: str | Path | None = None
         generic = model_dir.name in ("final", "adapter")
         name = f"{model_dir.resolve().parent.name}/{model_dir.name}" if generic else model_dir.name
     text = card_text(name, run_dir=run_dir, config=config, base=base, layout=layout,
-                     trained_from=trained_from, predictions=predictions)
+                     trained_from=trained_from, predictions=predictions, base_model_id=base_model_id,
+                     dataset_id=dataset_id, license=license)
     return write_text_atomic(model_dir / CARD_FILE, text)
 
 
 def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | None = None, base: str | None = None,
               layout: str = "thinker", trained_from: str | None = None,
-              predictions: Sequence[str | Path] = ()) -> str:
+              predictions: Sequence[str | Path] = (), base_model_id: str | None = None,
+              dataset_id: str | None = None, license: str | None = None) -> str:
     """The card's Markdown. `config`: the run's TrainConfig as a dict (default: RUN_DIR/config.resolved.json);
     `base`: the base checkpoint (default: the config's model_path); `predictions`: prediction files whose
-    accuracy the card reports."""
+    accuracy the card reports (and its model-index holds). `base_model_id`, `dataset_id`: Hub ids for the
+    header (default: `base` / the config's train_data when they are Hub ids, else left out: the Hub takes no
+    local path); `license`: a Hub license id (default: the base's own card's, else "other")."""
     run_dir = Path(run_dir) if run_dir is not None else None
     notes: list[str] = []
     sources: list[str] = []
@@ -86,17 +103,19 @@ def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | No
                 notes.append(note)
         except JsonlError as exc:
             notes.append(f"{exc}; the curves are not summarised")
-    header = {
-        "base_model": base or "unknown",
-        "license": _base_license(base),
-        "library_name": "transformers",
-        "pipeline_tag": "any-to-any",
-        "tags": TAGS,
-        "datasets": [config["train_data"]] if config.get("train_data") else [],
-    }
-    parts = ["---", yaml.safe_dump(header, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
-             f"# {name}", "", _summary(base, layout, config, rows), "",
+    base_model_id = base_model_id or _hub_id(base)
+    dataset_id = dataset_id or _hub_id(config.get("train_data"))
+    for what, value, flag in (("base_model", base_model_id, "--base-model-id"), ("datasets", dataset_id, "--dataset-id")):
+        if value is None:
+            notes.append(f"the header has no {what}: the Hub takes a repository id, not a local path (pass {flag})")
+    card_data = ModelCardData(
+        model_name=name, base_model=base_model_id, datasets=[dataset_id] if dataset_id else None,
+        library_name="transformers", pipeline_tag="any-to-any", tags=list(TAGS),
+        eval_results=_eval_results(predictions, dataset_id) or None, **_license_fields(license, base))
+    parts = ["---", card_data.to_yaml().rstrip(), "---", "",
+             f"# {name}", "", _summary(base_model_id or base, layout, config, rows), "",
              "## Training", "", _settings_section(config, rows), "",
+             "## Prompt and media", "", _prompt_section(config), "",
              "## Reward curves", "", _curves_section(rows, config), "",
              "## Evaluation", "", _evaluation_section(rows, predictions, notes), "",
              "## How to load", "", _loading_section(layout), "",
@@ -107,17 +126,84 @@ def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | No
 # ---- sections ------------------------------------------------------------------------------------------
 
 
-def _base_license(base: str | None) -> str:
-    """The license in the base checkpoint's own model card (`license:` in its YAML header), else "other"."""
+def _hub_id(value: Any) -> str | None:
+    """`value` when it is a Hub repository id ("owner/name") and not a local path, else None."""
+    if not isinstance(value, str) or not _HUB_ID.match(value) or Path(value).exists():
+        return None
+    return value
+
+
+def _license_fields(license: str | None, base: str | None) -> dict[str, str]:
+    """`license` (and, for "other", `license_name` / `license_link`): the one given, else the base's own card's
+    header, else "other"."""
+    if license:
+        return {"license": license}
+    header = _base_header(base)
+    if header.get("license"):
+        return {key: str(header[key]) for key in ("license", "license_name", "license_link") if header.get(key)}
+    return {"license": "other"}
+
+
+def _base_header(base: str | None) -> dict:
+    """The YAML header of the base checkpoint's own model card ({} when there is none)."""
     if not base or not (Path(base) / CARD_FILE).is_file():
-        return "other"
+        return {}
     try:
         match = _FRONT_MATTER.match((Path(base) / CARD_FILE).read_text(encoding="utf-8"))
         header = yaml.safe_load(match.group(1)) if match else None
     except (UnicodeDecodeError, yaml.YAMLError):
-        return "other"
-    license_name = header.get("license") if isinstance(header, dict) else None
-    return str(license_name) if license_name else "other"
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _eval_results(predictions: Sequence[str | Path], dataset_id: str | None) -> list[EvalResult]:
+    """One model-index result per readable predictions file: its accuracy in %, on the dataset it answered
+    (`dataset_id`, else the data file's name from the predictions' run signature)."""
+    results = []
+    for path in predictions:
+        try:
+            summary = accuracy_summary(load_predictions(path))
+        except (FileNotFoundError, ValueError):
+            continue  # the Evaluation section names the file and why
+        data = _signature_data(Path(path))
+        dataset = dataset_id or (Path(data).stem if data else Path(path).stem)
+        results.append(EvalResult(
+            task_type="multiple-choice", task_name="audio-visual multiple-choice question answering",
+            dataset_type=dataset, dataset_name=dataset, metric_type="accuracy",
+            metric_name=f"accuracy (%, {Path(path).name})", metric_value=round(100 * summary["accuracy"], 2)))
+    return results
+
+
+def _signature_data(path: Path) -> str | None:
+    try:
+        data = json.loads(run_file_path(path).read_text(encoding="utf-8")).get("data")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return data if isinstance(data, str) else None
+
+
+def _prompt_section(config: dict) -> str:
+    """The prompt template (the config's prompt_template over the defaults) and the media caps."""
+    if not config:
+        return "The run's settings were not found: the prompt template and media caps are unknown."
+    try:
+        template = PromptTemplate.from_dict(config.get("prompt_template") or {})
+    except (TypeError, ValueError) as exc:
+        return f"The run's prompt_template could not be read ({exc})."
+    lines = [f"Prompt the model as it was trained (`echoink eval` does): template version `{template.version}`, "
+             "whose parts are", ""]
+    for key, value in template.text_fields().items():
+        lines += [f"`{key}`:", "", _fenced("(none: the chat template's default)" if value is None else value), ""]
+    lines += ["| media setting | value |", "| --- | --- |"]
+    lines += [f"| `{key}` | `{_cell(config[key])}` |" for key in MEDIA_SETTINGS if config.get(key) is not None]
+    return "\n".join(lines)
+
+
+def _fenced(text: str) -> str:
+    """`text` in a code block whose fence is longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def _summary(base: str | None, layout: str, config: dict, rows: list[dict]) -> str:

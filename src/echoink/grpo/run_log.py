@@ -138,7 +138,8 @@ class RunLog:
             table.add_column(column, overflow="fold")
         for row in shown:
             rewards = ", ".join(f"{k} {v:.2f}" for k, v in row["rewards"].items())
-            table.add_row(str(row["problem_id"]), rewards, f"{row['advantage']:+.2f}", row["completion"][:300])
+            table.add_row(Text(str(row["problem_id"])), Text(rewards), f"{row['advantage']:+.2f}",
+                          Text(row["completion"][:300]))  # model and data text shown literally (no markup)
         self.console.print(table)
 
     def _average_over_ranks(self, metrics: dict) -> dict:

@@ -6,8 +6,10 @@
 thinker-only or LoRA-merged echoink model, an export. Each request becomes one echoink prompt:
 
 * on a task written by `echoink lmms-eval-task` (its documents name the echoink data file and record), the
-  record itself goes through `model.inputs.encode_prompt` with the trained template and media caps: the prompt
-  `echoink eval` builds, so the replies are `echoink eval`'s (greedy, float32: the same, item for item);
+  record itself goes through `model.inputs.encode_prompt` with the template and media caps the model was trained
+  with (saved beside it as `echoink_prompt.json`, or a run's config given as ``config=RUN/config.resolved.json``;
+  the defaults for a base model): the prompt `echoink eval` builds, so the replies are `echoink eval`'s (greedy,
+  float32: the same, item for item);
 * on any other task (``prompt=task`` forces it on echoink tasks too), the task's own prompt text with ALL the
   item's media from ``doc_to_visual`` — images (PIL or paths), audio (``{"array", "sampling_rate"}`` or paths),
   a video path with its own sound track — decoded by echoink's loaders with the same caps;
@@ -16,8 +18,8 @@ and is answered by `eval.run.answer_prompts` (echoink's decoding: greedy unless 
 end at the end-of-turn token). The task's ``until`` is ignored: lmms-eval's default (``"\\n\\n"``) would cut a
 reasoning reply at its first blank line. Model arguments (``--model_args k=v,...``): ``pretrained``, ``device``
 (default: CUDA when available), ``dtype`` (auto | bfloat16 | float32), ``batch_size`` (prompts per generate call,
-default 8), ``prompt`` (trained | task), ``seed`` (sampling tasks), ``system_prompt`` (an explicit system turn for
-task prompts; default: the chat template's own).
+default 8), ``prompt`` (trained | task), ``config`` (a run's config whose template and caps to use), ``seed``
+(sampling tasks), ``system_prompt`` (an explicit system turn for task prompts; default: the chat template's own).
 """
 
 from __future__ import annotations
@@ -39,9 +41,10 @@ from echoink.data.media import MediaError, load_audio, load_image, load_video, l
 from echoink.data.records import MEDIA_EXTENSIONS, Record, load_dataset
 from echoink.eval.run import answer_prompts
 from echoink.model.generation import SamplingSettings
-from echoink.model.inputs import MediaOptions, PromptInputs, encode_messages, encode_prompt
+from echoink.model.inputs import PromptInputs, encode_messages, encode_prompt
 from echoink.model.loading import load_thinker
-from echoink.prompts import DEFAULT_TEMPLATE, MEDIA_KINDS
+from echoink.model.prompt_settings import settings_for_eval
+from echoink.prompts import MEDIA_KINDS
 
 PROMPT_MODES = ("trained", "task")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -54,22 +57,28 @@ class EchoinkModel(lmms):
 
     def __init__(self, pretrained: str, device: str | None = None, dtype: str = "auto", batch_size: int | str = 8,
                  prompt: str = "trained", seed: int | str = 0, system_prompt: str | None = None,
-                 max_batch_size: Any = None, **unknown: Any) -> None:
+                 config: str | None = None, max_batch_size: Any = None, **unknown: Any) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"echoink model: unknown model argument(s) {', '.join(sorted(unknown))}; known: pretrained, "
-                             "device, dtype, batch_size, prompt, seed, system_prompt")
+                             "device, dtype, batch_size, prompt, seed, system_prompt, config")
         if prompt not in PROMPT_MODES:
             raise ValueError(f"echoink model: prompt must be one of {', '.join(PROMPT_MODES)}, got {prompt!r}")
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"echoink model: batch_size must be >= 1, got {batch_size!r}")
         self.prompt_mode, self.seed, self.system_prompt = prompt, int(seed), system_prompt
+        settings, source = settings_for_eval(pretrained, config)
+        if settings.problem_types:
+            raise ValueError(f"echoink model: the model was trained with user problem types "
+                             f"{', '.join(settings.problem_types)} ({source}); the lmms-eval model imports no user "
+                             "code: evaluate it with `echoink eval --problem-types ...`")
+        # the template and media caps the model was trained with (as `echoink eval` chooses them)
+        self.template, self.media_options = settings.template, settings.media
+        logger.info(f"echoink model: {settings.describe()} ({source})")
         self.model, self.processor = load_thinker(pretrained, dtype=dtype)
         self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model_dir = str(Path(pretrained).resolve())
-        # the template and media caps a model was trained with: echoink's defaults until checkpoints record theirs
-        self.template, self.media_options = DEFAULT_TEMPLATE, MediaOptions()
         self._warned_until = False
 
     # ---- lmms-eval's interface ------------------------------------------------------------------------
