@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # lowest first; units in one layer may import each other (no cycles), except SIBLINGS
 LAYERS = (
     ("echoink", "echoink.config", "echoink.choices", "echoink.io", "echoink.compat", "echoink.problem_types",
-     "echoink.user_code", "echoink.run_lock"),
+     "echoink.user_code", "echoink.run_lock", "echoink.hub_ids"),
     ("echoink.data",),
     ("echoink.prompts", "echoink.rewards"),
     ("echoink.model",),

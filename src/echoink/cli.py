@@ -112,7 +112,8 @@ def model_tiny(
 
 @data_app.command("validate", cls=FlagCommand)
 def data_validate(
-    path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file."),
+    path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file, parquet file, or datasets "
+                                           "save_to_disk directory."),
     check_media: bool = typer.Option(False, "--check-media", help="Also decode every media file."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Training config: register its problem_types."),
@@ -397,7 +398,8 @@ def demo_command(
 @app.command("eval", cls=FlagCommand)
 def eval_command(
     model: Path = typer.Option(..., "--model", help="Model directory (a published Qwen2.5-Omni / Qwen3-Omni layout or ours)."),
-    data: Path = typer.Option(..., "--data", help="Dataset JSON/JSONL in the AVQA-R1 format."),
+    data: Path = typer.Option(..., "--data", help="Dataset in the AVQA-R1 format: JSON/JSONL, parquet, or a "
+                                                   "datasets save_to_disk directory."),
     out: Path = typer.Option(..., "--out", help="Predictions JSONL to write (resumed when it exists)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding, one answer per problem (the default)."),
