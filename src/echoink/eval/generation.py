@@ -1,6 +1,7 @@
 """The evaluation loop: records -> prompts -> the rollout engine -> graded rows, batch by batch.
 
     generate_predictions(model, processor, records, decoding=..., batch_size=...) -> yields a list of rows per batch
+    answer_prompts(model, processor, prompts, decoding, seed=...) -> replies per encoded prompt (lmms-eval)
 
 Prompts come from `model.inputs.encode_prompt` (the same prompt as training); completions from the
 transformers-generate engine (`model.engine`, left-padded batches: greedy decoding gives the same
@@ -33,7 +34,7 @@ from echoink.eval.grading import Row, prediction_row, skipped_row
 from echoink.model.batching import embedding_device_dtype, move_prompt, split_by_audio_in_video
 from echoink.model.engine import TransformersGenerateEngine
 from echoink.model.generation import SamplingSettings
-from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
+from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 
@@ -100,6 +101,25 @@ def generate_predictions(
                           f"max_prompt_length {max_prompt_length}")
                 rows.append(skipped_row(r, s, reason, lenient=lenient, common=common, protocol=protocol))
         yield rows
+
+
+def answer_prompts(model, processor, prompts: Sequence[PromptInputs], decoding: SamplingSettings, *,
+                   seed: int = 0) -> list[list[str]]:
+    """Replies to prompts already encoded (by `encode_prompt` or `encode_messages`): for each prompt, its
+    `decoding.num_generations` replies, in order. One engine call for all of them, split like
+    `generate_predictions` splits a chunk (prompts that read a video's own sound track apart from the others);
+    the same decoding, end of reply and reply text as `echoink eval`. Sampling is seeded per call from
+    (`seed`, sub-batch); the caller's RNG state is left as it was. Used by the lmms-eval adapter."""
+    engine = TransformersGenerateEngine(model, processor.tokenizer, max_batch_prompts=max(1, len(prompts)))
+    device, dtype = embedding_device_dtype(model)
+    replies: list[list[str]] = [[] for _ in prompts]
+    for sub_index, members in enumerate(split_by_audio_in_video(list(prompts))):
+        call_seed = None if decoding.greedy else _batch_seed(seed, 0, sub_index)
+        with _seeded_rng(call_seed, device) if call_seed is not None else nullcontext():
+            groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in members], decoding)
+        for i, group in zip(members, groups):
+            replies[i] = list(group.texts)
+    return replies
 
 
 def _check_unique_ids(records: Sequence[Record]) -> None:
