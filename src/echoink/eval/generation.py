@@ -1,6 +1,7 @@
 """The evaluation loop: records -> prompts -> the rollout engine -> graded rows, batch by batch.
 
     generate_predictions(model, processor, records, decoding=..., batch_size=...) -> yields a list of rows per batch
+    answer_prompts(model, processor, prompts, decoding, seed=...) -> replies per encoded prompt (lmms-eval)
 
 Prompts come from `model.inputs.encode_prompt` (the same prompt as training); completions from the rollout
 engine training uses (`model.engine.evaluation_engine`: the shared-prefill engine, every prompt of a batch in
@@ -29,7 +30,7 @@ from echoink.eval.grading import Row, prediction_row, skipped_row
 from echoink.model.batching import embedding_device_dtype, move_prompt
 from echoink.model.engine import evaluation_engine, prompt_generators, prompt_seed
 from echoink.model.generation import SamplingSettings
-from echoink.model.inputs import ABLATIONS, MediaOptions, encode_prompt
+from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
 
@@ -93,6 +94,20 @@ def generate_predictions(
                           f"max_prompt_length {max_prompt_length}")
                 rows.append(skipped_row(r, s, reason, lenient=lenient, common=common, protocol=protocol))
         yield rows
+
+
+def answer_prompts(model, processor, prompts: Sequence[PromptInputs], decoding: SamplingSettings, *,
+                   seed: int = 0) -> list[list[str]]:
+    """Replies to prompts already encoded (by `encode_prompt` or `encode_messages`): for each prompt, its
+    `decoding.num_generations` replies, in order. One engine call for all of them (one decode loop); the same
+    decoding, end of reply and reply text as `echoink eval`. Prompt i draws from its own stream, seeded by
+    (`seed`, i); the caller's RNG state is left as it was. Used by the lmms-eval adapter."""
+    engine = evaluation_engine(model, processor.tokenizer)
+    device, dtype = embedding_device_dtype(model)
+    generators = None if decoding.greedy else prompt_generators([prompt_seed(seed, i) for i in range(len(prompts))],
+                                                                device)
+    groups = engine.generate([move_prompt(prompt, device, dtype) for prompt in prompts], decoding, generators)
+    return [list(group.texts) for group in groups]
 
 
 def _check_unique_ids(records: Sequence[Record]) -> None:
