@@ -20,7 +20,7 @@ LAYERS = (
     ("echoink.model",),
     ("echoink.grpo", "echoink.eval"),
     ("echoink.analysis", "echoink.export"),
-    ("echoink.cli", "echoink.demo"),
+    ("echoink.cli", "echoink.demo", "echoink.lmms_eval_plugin"),
 )
 SIBLINGS = {frozenset({"echoink.grpo", "echoink.eval"})}
 LAYER_OF = {unit: level for level, units in enumerate(LAYERS) for unit in units}

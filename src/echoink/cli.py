@@ -211,6 +211,45 @@ def data_convert_omniinstruct(
     Console(markup=False).print(report.summary(), highlight=False)
 
 
+@data_app.command("convert-avqa", cls=FlagCommand)
+def data_convert_avqa(
+    qa: Path = typer.Option(..., "--qa", help="AVQA's train_qa.json or val_qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Directory of the VGGSound clips (<video_name>.mp4)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+) -> None:
+    """Convert the original AVQA annotations (multi_choice + answer index) into echoink's format."""
+    from echoink.data.avqa import convert_avqa
+    from echoink.data.conversion import ConversionError
+    from echoink.io import check_writable
+
+    check_writable(out.parent)
+    try:
+        report = convert_avqa(qa, videos, out)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+
+
+@data_app.command("convert-daily-omni", cls=FlagCommand)
+def data_convert_daily_omni(
+    qa: Path = typer.Option(..., "--qa", help="Daily-Omni's qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Daily-Omni's Videos/ directory (<id>/<id>_video.mp4, _audio.wav)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+    mode: str = typer.Option("all", "--mode", help="all (video with its sound), visual (frames only) or audio (the wav)."),
+) -> None:
+    """Convert Daily-Omni's qa.json into echoink's format for one of its input modes."""
+    from echoink.data.conversion import ConversionError
+    from echoink.data.daily_omni import convert_daily_omni
+    from echoink.io import check_writable
+
+    check_writable(out.parent)
+    try:
+        report = convert_daily_omni(qa, videos, out, mode=mode)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+
+
 # ---- training commands ------------------------------------------------------------------------
 
 @app.command("train", cls=FlagCommand, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -444,6 +483,26 @@ def eval_command(
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
 
 
+@app.command("lmms-eval-task", cls=FlagCommand)
+def lmms_eval_task_command(
+    data: Path = typer.Argument(..., help="Dataset JSON/JSONL in echoink's format (AVQA-R1 layout)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the task into (pass it to lmms-eval's --include_path)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Task name (default: echoink_<file stem>)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation budget (echoink eval's default)."),
+) -> None:
+    """Write an lmms-eval task (YAML, documents, grading functions) for a dataset file in echoink's format."""
+    from echoink.data import DatasetError
+    from echoink.eval.lmms_task import write_lmms_task
+
+    try:
+        task = write_lmms_task(data, out, name=name, max_new_tokens=max_new_tokens)
+    except (DatasetError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote task {task.name} ({task.count} documents; data types {', '.join(task.data_types)}) to "
+               f"{task.yaml_path}\nrun: lmms-eval --model echoink --model_args pretrained=MODEL_DIR "
+               f"--tasks {task.name} --include_path {task.yaml_path.parent}")
+
+
 def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, given_problem_types: bool) -> dict:
     """evaluate()'s template and media_options for --protocol ours (printed with where they came from);
     nothing for --protocol echoink, which fixes its own."""
@@ -606,7 +665,7 @@ def report_command(
     for note in result.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {result.path} ({len(result.steps_shown)} steps shown, {result.images} image(s), "
-               f"{result.audio_clips} audio clip(s) embedded)")
+               f"{result.audio_clips} audio clip(s), {result.video_clips} video clip(s) embedded)")
 
 
 @app.command("plot", cls=FlagCommand)
