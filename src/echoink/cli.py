@@ -523,7 +523,8 @@ def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, gi
     elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
         _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
               f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
-    typer.echo(f"{settings.describe()} ({source})")
+    if model.is_dir():  # (a missing model is one error line from evaluate, not a prompt line first)
+        typer.echo(f"{settings.describe()} ({source})")
     return {"template": settings.template, "media_options": settings.media}
 
 
