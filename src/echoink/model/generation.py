@@ -37,7 +37,8 @@ class SamplingSettings:
 
     Greedy decoding ignores temperature / top_p / top_k / seed and gives one completion per prompt.
     `min_new_tokens` suppresses EOS before that many tokens (benchmarks use it to fix C).
-    `seed` seeds evaluation's sampled batches (training rollouts draw from the run's RNG).
+    `seed` seeds evaluation's per-prompt streams, with each record's position (training rollouts: the run seed, the
+    step and the prompt's position in the step's plan; `model.engine.streams`).
     """
 
     num_generations: int = 1
