@@ -191,7 +191,7 @@ def test_model_card_metadata_for_the_hub(tmp_path):
     each predictions file's accuracy; the prompt template and media caps are stated (issue 22, item 9)."""
     from huggingface_hub import ModelCard
 
-    from echoink.eval.run import run_file_path
+    from echoink.eval.run_files import run_file_path
 
     model = tmp_path / "model"
     model.mkdir()
