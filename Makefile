@@ -9,7 +9,7 @@ export GOMP_SPINCOUNT ?= 10000
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast test-browser browser bench clean
+.PHONY: install demo test test-fast test-browser browser bench clean test-lmms-eval
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/echoink demo --out demo_out
 
-# The headless-browser test of `echoink report` needs chromium (about 300 MB with its libraries): it has its own
-# target and is left out of `make test`.
+# The headless-browser tests of `echoink report` need chromium (about 300 MB with its libraries): they have their
+# own target, which installs Debian's chromium when it is missing; `make test` leaves them out, .ci/run runs both.
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not browser"
 
@@ -41,8 +41,29 @@ browser:
 test-browser: $(STAMP) browser
 	$(PY) -m pytest -q -m browser
 
+# lmms-eval in its own environment (lmms-eval is not an echoink dependency): the CPU torch first, lmms-eval
+# 0.7.3's requirements without torchvision and timm (requirements-lmms-eval.txt says why), lmms-eval itself without
+# its dependencies, then echoink. About 2.4 GB, built once (the stamp); the check is tests_lmms_eval/.
+LMMS_VENV := .venv-lmms
+LMMS_PY := $(LMMS_VENV)/bin/python
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+$(LMMS_PY):
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_PY) -m pip install --upgrade pip
+
+$(LMMS_STAMP): pyproject.toml requirements-lmms-eval.txt | $(LMMS_PY)
+	$(LMMS_PY) -m pip install "torch==2.13.0"
+	$(LMMS_PY) -m pip install -r requirements-lmms-eval.txt
+	$(LMMS_PY) -m pip install --no-deps "lmms-eval==0.7.3"
+	$(LMMS_PY) -m pip install -e .
+	touch $(LMMS_STAMP)
+
+test-lmms-eval: $(LMMS_STAMP)
+	$(LMMS_PY) -m pytest -q tests_lmms_eval
+
 bench: $(STAMP)
 	$(PY) benchmarks/group_sharing.py
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) $(LMMS_VENV) demo_out .pytest_cache

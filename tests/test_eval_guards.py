@@ -135,7 +135,8 @@ def test_metrics_reads_at_80_columns(tmp_path):
     assert accuracy_line.split("│")[2].strip() == f"{100 * summary['accuracy']:.1f}"
     assert interval_line.split("│")[2].strip() == f"[{100 * summary['ci_low']:.1f}, {100 * summary['ci_high']:.1f}]"
     assert "(1/2)" in result.output and "(2/2)" in result.output                # 4 files: two tables of <= 3
-    assert "type image_audio" in result.output and "McNemar p" in result.output
+    assert "[1] by data type" in result.output and "│ image_audio " in result.output      # group tables
+    assert "McNemar p" in result.output
 
 
 def test_help_shows_no_bool_metavar():

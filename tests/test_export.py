@@ -345,3 +345,19 @@ def test_auto_processor_loads_the_export_where_torchvision_is_installed(exported
     assert type(processor) is Qwen2_5OmniProcessor
     assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"
     assert processor.video_processor.temporal_patch_size == 2 and processor.video_processor.merge_size == 2
+
+
+def test_model_card_states_the_prompt_saved_with_the_model(tmp_path):
+    """The prompt settings saved beside the weights win over the run's config (issue 22, items 2 and 9)."""
+    from echoink.model.inputs import MediaOptions
+    from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
+    from echoink.prompts import PromptTemplate
+
+    model = tmp_path / "final"
+    model.mkdir()
+    write_prompt_settings(model, PromptSettings(PromptTemplate.from_dict({"suffix": " Answer in <answer>."}),
+                                                MediaOptions(max_pixels=50176, video_max_frames=8)))
+    text = write_model_card(model, config={"max_pixels": 200704, "prompt_template": {}}).read_text()
+    assert "saved with the model (`echoink_prompt.json`" in text
+    assert " Answer in <answer>." in text and "| `max_pixels` | `50176` |" in text and "200704" not in text
+    assert "| `video_max_frames` | `8` |" in text

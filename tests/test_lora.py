@@ -15,6 +15,7 @@ from echoink.grpo.rollout import sample_group
 from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
+from echoink.model.prompt_settings import PromptSettings, read_prompt_settings
 from echoink.grpo.logprobs import Policy
 from echoink.model.trainable import wrap_lora
 
@@ -124,6 +125,8 @@ def test_lora_run_trains_only_adapters_and_saves_a_loadable_merged_model(tmp_pat
         assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
         assert (adapter / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    for model_dir in (out / "adapter", out / "checkpoint-2" / "adapter", out / "final"):  # eval's prompt (issue 22)
+        assert read_prompt_settings(model_dir) == PromptSettings.from_config(config)
 
     # the merged thinker: load_thinker reads it, it computes what the adapted model computes, and generates
     merged, processor = load_thinker(out / "final", dtype="float32")

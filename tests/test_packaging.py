@@ -21,6 +21,7 @@ def test_demo_config_ships_in_the_wheel(tmp_path):
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("echoink-*.whl")
     assert "echoink/demo/demo_cpu.yaml" in zipfile.ZipFile(wheel).namelist()
+    assert "echoink/analysis/templates/report.html.j2" in zipfile.ZipFile(wheel).namelist()  # the report page
 
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),

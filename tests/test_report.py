@@ -188,3 +188,111 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     with Image.open(screenshot) as image:
         assert image.size == (1280, 2400)
         assert len(set(image.convert("L").resize((64, 120)).tobytes())) > 8      # a rendered page, not a blank one
+
+
+# ---- issue 22, item 8: question beside each answer, two files side by side, video clips, phone layout --------
+
+
+@pytest.fixture(scope="module")
+def two_files(tmp_path_factory):
+    """Two predictions files on the same six problems (videos among them): the first answers "A", the second
+    "B" and is unparsed on the first problem. Returns (first, second, problem_id -> record)."""
+    root = tmp_path_factory.mktemp("two_files")
+    info = write_synthetic_dataset(root / "data", n_train=0, n_valid=6, seed=1,
+                                   families=["video_colour_at_beep", "colour_by_pitch", "image_colour"])
+    valid = Path(info["splits"]["valid"]["json"])
+    records = {str(r.problem_id): r for r in load_dataset(valid)}
+    paths = []
+    for name, answer in (("first.jsonl", "A"), ("second.jsonl", "B")):
+        rows = [{"problem_id": r.problem_id, "sample_idx": 0, "gt": r.answer, "data_type": r.data_type,
+                 "pred": None if (answer == "B" and i == 0) else answer,
+                 "correct": r.answer == answer and not (answer == "B" and i == 0),
+                 "reply": f"<think>{name} {i}</think>" + ("" if (answer == "B" and i == 0) else f"<answer>{answer}</answer>")}
+                for i, r in enumerate(records.values())]
+        paths.append(root / name)
+        paths[-1].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        run_file_path(paths[-1]).write_text(json.dumps({"data": str(valid)}))
+    assert any(r.data_type == "video_audio" for r in records.values())
+    return paths[0], paths[1], records
+
+
+def test_report_shows_questions_beside_two_files_and_their_paired_difference(run, two_files, tmp_path):
+    from echoink.eval.metrics import paired_comparison
+
+    first, second, records = two_files
+    out = tmp_path / "two.html"
+    result = write_report(run["dir"], [first, second], out)
+    page = out.read_text(encoding="utf-8")
+    parsed = _parse(page)
+    assert parsed.cells[("[1]", "accuracy")] == f"{100 * accuracy_summary(load_predictions(first))['accuracy']:.1f}"
+    assert parsed.cells[("[2]", "accuracy")] == f"{100 * accuracy_summary(load_predictions(second))['accuracy']:.1f}"
+    c = paired_comparison(load_predictions(second), load_predictions(first))
+    assert parsed.cells[("[2]-[1]", "difference")] == f"{100 * c['difference']:+.1f}"
+    assert parsed.cells[("[2]-[1]", "ci")] == f"[{100 * c['ci_low']:+.1f}, {100 * c['ci_high']:+.1f}]"
+    assert parsed.cells[("[2]-[1]", "wins")] == f"{c['wins']} / {c['losses']} / {c['ties']}"
+    # every answer block: the question and its options beside the replies of both files
+    blocks = page.split('<div class="answer">')[1:]
+    answers = [b for b in blocks if "<b>[1]</b>" in b]
+    assert answers and all("<b>[2]</b>" in b for b in answers)
+    for block in answers:
+        problem = re.search(r"problem (\S+) · answer", block).group(1)
+        record = records[problem]
+        assert html_text(record.problem) in block
+        assert all(f"<li>{html_text(option)}</li>" in block for option in record.options)
+    assert "answer — · wrong" in page and "answer None" not in page  # an unparsed answer
+    assert result.video_clips >= 1 and page.count("<video ") >= 1
+
+
+def test_a_large_video_is_linked_not_embedded(run, two_files, tmp_path, monkeypatch):
+    import echoink.analysis.report as report
+
+    monkeypatch.setattr(report, "VIDEO_EMBED_BYTES", 0)
+    out = tmp_path / "sub" / "linked.html"
+    result = write_report(run["dir"], [two_files[0]], out)
+    page = out.read_text(encoding="utf-8")
+    assert result.video_clips == 0 and "<video " not in page
+    links = re.findall(r'<a class="clip-link" href="([^"]+)">play ([^ ]+) \(', page)
+    assert links and all(href.startswith(("./", "../")) for href, _ in links)
+    for href, name in links:
+        assert (out.parent / href).resolve().is_file() and href.endswith(name)
+
+
+def html_text(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True).replace("&#x27;", "&#39;").replace("&quot;", "&#34;")
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 1280])
+def test_report_fits_a_phone_and_a_desktop_in_headless_chromium(run, two_files, tmp_path, width):
+    """No horizontal overflow; on the phone every reply takes at least half the width; every image, audio and
+    video clip loads."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium is not installed: `make test-browser` installs it (apt-get install chromium)")
+    first, second, _ = two_files
+    out = tmp_path / "report.html"
+    write_report(run["dir"], [first, second], out)
+    expected = _parse(out.read_text(encoding="utf-8"))
+    # headless Chromium's window is at least 500 px wide: the page is laid out in a frame of `width` px, and
+    # the frame's <body> data (what the report's script measured there) is copied out for --dump-dom
+    frame = tmp_path / "frame.html"
+    frame.write_text(f'<!DOCTYPE html><html><body style="margin:0"><iframe id="page" src="{out.name}" '
+                     f'style="width:{width}px;height:2000px;border:0"></iframe><script>setInterval(() => {{'
+                     "const data = document.getElementById('page').contentDocument.body.dataset;"
+                     "for (const key in data) document.body.dataset[key] = data[key]; }, 100);</script></body></html>")
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+              "--allow-file-access-from-files", f"--window-size={width + 200},2100"]
+    dom = subprocess.run([*common, "--dump-dom", frame.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    body = _parse(dom).body
+    assert body["data-window-width"] == str(width)
+    assert body["data-overflow"] == "0"
+    if width < 500:
+        assert float(body["data-reply-share"]) >= 0.5
+    n_videos = out.read_text(encoding="utf-8").count("<video ")
+    assert n_videos >= 1
+    assert body["data-images-loaded"] == str(len(expected.images)) and body["data-images-broken"] == "0"
+    assert body["data-audio-ready"] == str(len(expected.audio)) and body["data-audio-broken"] == "0"
+    assert body["data-video-ready"] == str(n_videos) and body["data-video-broken"] == "0"

@@ -112,7 +112,8 @@ def model_tiny(
 
 @data_app.command("validate", cls=FlagCommand)
 def data_validate(
-    path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file."),
+    path: Path = typer.Argument(..., help="Dataset JSON (array) or JSONL file, parquet file, or datasets "
+                                           "save_to_disk directory."),
     check_media: bool = typer.Option(False, "--check-media", help="Also decode every media file."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
     config: Optional[Path] = typer.Option(None, "--config", help="Training config: register its problem_types."),
@@ -208,6 +209,45 @@ def data_convert_omniinstruct(
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     Console(markup=False).print(report.summary(), highlight=False)
+
+
+@data_app.command("convert-avqa", cls=FlagCommand)
+def data_convert_avqa(
+    qa: Path = typer.Option(..., "--qa", help="AVQA's train_qa.json or val_qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Directory of the VGGSound clips (<video_name>.mp4)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+) -> None:
+    """Convert the original AVQA annotations (multi_choice + answer index) into echoink's format."""
+    from echoink.data.avqa import convert_avqa
+    from echoink.data.conversion import ConversionError
+    from echoink.io import check_writable
+
+    check_writable(out.parent)
+    try:
+        report = convert_avqa(qa, videos, out)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
+
+
+@data_app.command("convert-daily-omni", cls=FlagCommand)
+def data_convert_daily_omni(
+    qa: Path = typer.Option(..., "--qa", help="Daily-Omni's qa.json."),
+    videos: Path = typer.Option(..., "--videos", help="Daily-Omni's Videos/ directory (<id>/<id>_video.mp4, _audio.wav)."),
+    out: Path = typer.Option(..., "--out", help="Output JSON file, in a directory that contains --videos."),
+    mode: str = typer.Option("all", "--mode", help="all (video with its sound), visual (frames only) or audio (the wav)."),
+) -> None:
+    """Convert Daily-Omni's qa.json into echoink's format for one of its input modes."""
+    from echoink.data.conversion import ConversionError
+    from echoink.data.daily_omni import convert_daily_omni
+    from echoink.io import check_writable
+
+    check_writable(out.parent)
+    try:
+        report = convert_daily_omni(qa, videos, out, mode=mode)
+    except ConversionError as exc:
+        _fail(str(exc))
+    typer.echo(report.summary())
 
 
 # ---- training commands ------------------------------------------------------------------------
@@ -373,7 +413,8 @@ def demo_command(
 @app.command("eval", cls=FlagCommand)
 def eval_command(
     model: Path = typer.Option(..., "--model", help="Model directory (a published Qwen2.5-Omni / Qwen3-Omni layout or ours)."),
-    data: Path = typer.Option(..., "--data", help="Dataset JSON/JSONL in the AVQA-R1 format."),
+    data: Path = typer.Option(..., "--data", help="Dataset in the AVQA-R1 format: JSON/JSONL, parquet, or a "
+                                                   "datasets save_to_disk directory."),
     out: Path = typer.Option(..., "--out", help="Predictions JSONL to write (resumed when it exists)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Prompts per generate call."),
     greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding, one answer per problem (the default)."),
@@ -399,8 +440,16 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float32."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     problem_types: Optional[str] = typer.Option(None, "--problem-types", help=_PROBLEM_TYPES_HELP),
+    config: Optional[Path] = typer.Option(None, "--config",
+                                          help="A run's config.resolved.json (or training YAML): prompt with its "
+                                               "template, media caps and problem types instead of those saved "
+                                               "with the model (echoink_prompt.json)."),
 ) -> None:
-    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy."""
+    """Batched, resumable evaluation: write one JSON line per answer to --out and print the accuracy.
+
+    With --protocol ours a trained model is prompted as it was trained: the prompt template and media caps
+    saved with it (echoink_prompt.json), or those of --config; the first line says which.
+    """
     from echoink.data import DatasetError
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
@@ -412,6 +461,7 @@ def eval_command(
     _register_problem_types(problem_types)
     if protocol not in EVAL_PROTOCOLS:
         _fail(f"--protocol must be one of {', '.join(EVAL_PROTOCOLS)}, got {protocol!r}")
+    prompt = _eval_prompt_settings(model, config, protocol, given_problem_types=bool(problem_types))
     sampling_options = {"--temperature": temperature, "--top-p": top_p, "--top-k": top_k}
     if protocol == "echoink":
         fixed = [name for name, value in {**sampling_options, "--max-new-tokens": max_new_tokens}.items()
@@ -436,7 +486,7 @@ def eval_command(
             temperature=1.0 if temperature is None else temperature, top_p=1.0 if top_p is None else top_p,
             top_k=top_k, seed=0 if seed is None else seed, max_new_tokens=max_new_tokens or 256, ablate=ablate,
             limit=limit, lenient=lenient, progress=progress, dtype=dtype, max_prompt_length=max_prompt_length,
-            protocol=protocol, base_model=base_model,
+            protocol=protocol, base_model=base_model, **prompt,
         )
     except (DatasetError, ModelLoadError, RunSignatureError, MediaError, ValueError, LockedError) as exc:
         _fail(str(exc))
@@ -446,6 +496,49 @@ def eval_command(
         typer.echo(f"skipped {summary['skipped']} answer(s) whose prompt is longer than --max-prompt-length "
                    f"{max_prompt_length} tokens (counted as wrong; their rows say why)")
     typer.echo(f"wrote {out} ({summary['generated']} new, {summary['resumed']} resumed)")
+
+
+@app.command("lmms-eval-task", cls=FlagCommand)
+def lmms_eval_task_command(
+    data: Path = typer.Argument(..., help="Dataset JSON/JSONL in echoink's format (AVQA-R1 layout)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write the task into (pass it to lmms-eval's --include_path)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Task name (default: echoink_<file stem>)."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Generation budget (echoink eval's default)."),
+) -> None:
+    """Write an lmms-eval task (YAML, documents, grading functions) for a dataset file in echoink's format."""
+    from echoink.data import DatasetError
+    from echoink.eval.lmms_task import write_lmms_task
+
+    try:
+        task = write_lmms_task(data, out, name=name, max_new_tokens=max_new_tokens)
+    except (DatasetError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote task {task.name} ({task.count} documents; data types {', '.join(task.data_types)}) to "
+               f"{task.yaml_path}\nrun: lmms-eval --model echoink --model_args pretrained=MODEL_DIR "
+               f"--tasks {task.name} --include_path {task.yaml_path.parent}")
+
+
+def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, given_problem_types: bool) -> dict:
+    """evaluate()'s template and media_options for --protocol ours (printed with where they came from);
+    nothing for --protocol echoink, which fixes its own."""
+    from echoink.model.prompt_settings import PromptSettingsError, settings_for_eval
+
+    if protocol != "ours":
+        if config is not None:
+            _fail(f"--protocol {protocol} uses its own prompt and media caps: drop --config")
+        return {}
+    try:
+        settings, source = settings_for_eval(model, config)
+    except PromptSettingsError as exc:
+        _fail(str(exc))
+    if settings.problem_types and config is not None:
+        _register_problem_types(list(settings.problem_types))  # a config the user named: as train does
+    elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
+        _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
+              f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
+    if model.is_dir():  # (a missing model is one error line from evaluate, not a prompt line first)
+        typer.echo(f"{settings.describe()} ({source})")
+    return {"template": settings.template, "media_options": settings.media}
 
 
 @app.command("metrics", cls=FlagCommand)
@@ -587,7 +680,7 @@ def report_command(
     for note in result.notes:
         typer.echo(f"note: {note}")
     typer.echo(f"wrote {result.path} ({len(result.steps_shown)} steps shown, {result.images} image(s), "
-               f"{result.audio_clips} audio clip(s) embedded)")
+               f"{result.audio_clips} audio clip(s), {result.video_clips} video clip(s) embedded)")
 
 
 @app.command("plot", cls=FlagCommand)

@@ -66,7 +66,7 @@ _faults = _section("faults: what a run refuses, skips and tolerates (docs/faults
 class TrainConfig:
     # Every field: `name: type = _<section>(default, "one-line help")`; `echoink config --list` prints them.
     model_path: str = _data("", "Model directory: a published Qwen2.5-Omni / Qwen3-Omni checkpoint or ours.")
-    train_data: str = _data("", "Training set: AVQA-R1 JSON array or JSONL file (docs/data.md).")
+    train_data: str = _data("", "Training set: AVQA-R1 JSON/JSONL, parquet or save_to_disk dir (docs/data_format.md).")
     output_dir: str = _data("runs/echoink", "Run directory: metrics, completions, checkpoints, final model.")
     freeze_vision: bool = _data(False, "Keep the vision encoder's weights fixed (EchoInk-R1 trains everything).")
     freeze_audio: bool = _data(False, "Keep the audio encoder's weights fixed.")
@@ -162,7 +162,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _log(None, "Continue from this checkpoint directory.")
     eval_strategy: str = _log("steps", "steps: evaluate every eval_steps; no: never.")
     eval_steps: int = _log(0, "Evaluate on eval_data every N steps (0: never).")
-    eval_data: str | None = _log(None, "Evaluation set (AVQA-R1 JSON/JSONL) for in-training evaluation.")
+    eval_data: str | None = _log(None, "Evaluation set (as train_data) for in-training evaluation.")
     eval_limit: int | None = _log(200, "Evaluate on the first N items; null: all.")
     eval_batch_size: int = _log(8, "Prompts per generate call in in-training evaluation.")
     eval_max_new_tokens: int | None = _log(None, "Longest evaluation reply in tokens; null: max_completion_length.")

@@ -38,6 +38,7 @@ __all__ = [
     "check_reward_weights",
     "completion_text",
     "compute_rewards",
+    "echoink_r1_answer_letter",
     "extract_answer",
     "format_reward",
     "resolve_reward",
@@ -127,6 +128,24 @@ def answer_letter(text: str, lenient: bool = False) -> str | None:
     think_end = text.rfind(THINK_CLOSE)
     tail = text[think_end + len(THINK_CLOSE) :] if think_end >= 0 else text
     return _last_cue_letter(tail)
+
+
+#: EchoInk-R1's evaluation rule (its published 85.77 / 80.53 on AVQA-R1-6K were graded with it; never a reward).
+ECHOINK_R1_TAGGED_LETTER = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.IGNORECASE)
+ECHOINK_R1_STANDALONE_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
+
+
+def echoink_r1_answer_letter(reply: str) -> str | None:
+    """EchoInk-R1's answer rule: the first ``<answer> X </answer>`` (X in A-D, any case, spaces allowed), else
+    the first standalone A-D letter anywhere in the reply (any case), upper-cased; None when neither exists.
+
+    >>> echoink_r1_answer_letter("<think>...</think><answer> c </answer>")
+    'C'
+    >>> echoink_r1_answer_letter("I hear a dog barking.")   # the article counts as option A
+    'A'
+    """
+    match = ECHOINK_R1_TAGGED_LETTER.search(reply) or ECHOINK_R1_STANDALONE_LETTER.search(reply)
+    return match.group(1).upper() if match else None
 
 
 def _first_cue_letter(text: str) -> str | None:

@@ -1,7 +1,9 @@
 """Dataset records in the AVQA-R1 format and their validation.
 
 A dataset is one JSON file (a JSON array of objects, or JSON Lines: one object per line) whose
-media paths are relative to the file's own directory, exactly as AVQA-R1-6K ships it::
+media paths are relative to the file's own directory, exactly as AVQA-R1-6K ships it (a parquet file or a
+`datasets` save_to_disk directory with the same columns is read by :mod:`echoink.data.tables` and validated
+the same way)::
 
     AVQA_R1/train/omni_rl_format_train.json
     AVQA_R1/train/audios/sample_1234.wav
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+from echoink.data.tables import EmbeddedMedia, is_table, read_table_items
+from echoink.hub_ids import hub_id_hint, looks_like_hub_id
 from echoink.io import split_jsonl_lines
 from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES, SolutionError, describe_type, unknown_type_message
 
@@ -141,13 +145,21 @@ def validate_dataset(path: str | Path) -> tuple[list[Record], list[str]]:
     :func:`echoink.data.report.decode_all_media`'s job.
     """
     file = str(path)
-    raw_items, problems = _read_items(Path(path), file)
+    path = Path(path)
+    if not path.exists() and looks_like_hub_id(path):
+        return [], [hub_id_hint(path, "dataset")]
+    if is_table(path):  # a save_to_disk directory or a parquet file (data/tables.py)
+        raw_items, problems = read_table_items(path, file)
+    else:
+        raw_items, problems = _read_items(path, file)
     if raw_items is None:
         return [], problems
     if not raw_items:
-        return [], [f"{file}: the dataset has no records"]
+        return [], problems + [f"{file}: the dataset has no records"]
 
-    root = Path(path).absolute().parent.resolve()  # the file's own directory (links to the file are not followed)
+    # media paths are relative to the file's own directory (links to the file are not followed), or to a
+    # save_to_disk directory itself
+    root = (path.absolute() if path.is_dir() else path.absolute().parent).resolve()
     records: list[Record] = []
     seen_ids: dict[str, int] = {}
     for index, item in enumerate(raw_items):
@@ -409,6 +421,8 @@ def _validate_paths(item: dict, data_type: str | None, root: Path, report) -> di
 
     media: dict[str, Path] = {}
     for key in paths:
+        if key not in needed and paths[key] is None and key in MEDIA_EXTENSIONS:
+            continue  # a null entry (datasets' to_json writes every key of the path struct)
         if key not in needed:
             known = key in MEDIA_EXTENSIONS
             reason = (f"data_type {data_type!r} does not use {key}" if known
@@ -425,6 +439,12 @@ def _validate_paths(item: dict, data_type: str | None, root: Path, report) -> di
 
 
 def _resolve_media_path(value: Any, kind: str, root: Path, report) -> Path | None:
+    if isinstance(value, EmbeddedMedia):  # bytes from a table, written to the media cache by content
+        if value.path.suffix.lower() not in MEDIA_EXTENSIONS[kind]:
+            report(f"{value.name!r} has an unsupported {kind} extension (expected one of "
+                   f"{', '.join(sorted(MEDIA_EXTENSIONS[kind]))})")
+            return None
+        return value.path
     if not isinstance(value, str):
         report(f"must be a string, got {_json_kind(value)}")
         return None

@@ -29,7 +29,6 @@ graded under both rules without generating again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,7 +36,12 @@ from echoink.choices import EVAL_PROTOCOLS
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
-from echoink.rewards import answer_letter
+from echoink.rewards import (
+    ECHOINK_R1_STANDALONE_LETTER,
+    ECHOINK_R1_TAGGED_LETTER,
+    answer_letter,
+    echoink_r1_answer_letter,
+)
 
 __all__ = [
     "ECHOINK_BASE_INSTRUCTION",
@@ -68,22 +72,9 @@ _ECHOINK_BASE_TEMPLATE = replace(DEFAULT_TEMPLATE, question_template="{problem}\
                                  instruction=ECHOINK_BASE_INSTRUCTION, system_prompt=ECHOINK_BASE_SYSTEM,
                                  version="echoink-r1-eval-base")
 
-_TAGGED_LETTER = re.compile(r"<answer>\s*([A-D])\s*</answer>", re.IGNORECASE)
-_STANDALONE_LETTER = re.compile(r"\b([A-D])\b", re.IGNORECASE)
-_LETTERS = ("A", "B", "C", "D")
-
-
-def echoink_answer_letter(reply: str) -> str | None:
-    """EchoInk-R1's answer rule: the first ``<answer> X </answer>`` (X in A-D, any case, spaces allowed), else
-    the first standalone A-D letter anywhere in the reply (any case), upper-cased; None when neither exists.
-
-    >>> echoink_answer_letter("<think>...</think><answer> c </answer>")
-    'C'
-    >>> echoink_answer_letter("I hear a dog barking.")   # the article counts as option A
-    'A'
-    """
-    match = _TAGGED_LETTER.search(reply) or _STANDALONE_LETTER.search(reply)
-    return match.group(1).upper() if match else None
+_TAGGED_LETTER, _STANDALONE_LETTER = ECHOINK_R1_TAGGED_LETTER, ECHOINK_R1_STANDALONE_LETTER
+#: EchoInk-R1's answer rule (defined with the other answer parsers in `rewards`, so tasks can grade without this layer).
+echoink_answer_letter = echoink_r1_answer_letter
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ from echoink.run_lock import file_lock, hold_lock
 
 __all__ = [
     "EOS_TOKEN",
+    "answer_prompts",
     "RUN_FORMAT",
     "RunSignatureError",
     "evaluate",
@@ -193,6 +194,31 @@ def _generate(prompts: list[PromptInputs], model, tokenizer, config: GenerationC
     texts = [prompts[row * len(prompts) // len(texts)].generation_prefix + text for row, text in enumerate(texts)]
     lengths = mask.sum(dim=1).tolist()
     return [(text, int(n), bool(t)) for text, n, t in zip(texts, lengths, truncated.tolist())]
+
+
+def answer_prompts(model, processor, prompts: Sequence[PromptInputs], decoding: SamplingSettings, *,
+                   seed: int = 0) -> list[list[str]]:
+    """Replies to prompts already encoded (by `encode_prompt` or `encode_messages`): for each prompt, its
+    `decoding.num_generations` replies, in order. One generate call for all of them, split like
+    `generate_predictions` splits a chunk (prompts that read a video's own sound track apart from the others);
+    the same decoding, end of reply and reply text as `echoink eval`. Sampling is seeded per call from
+    (`seed`, sub-batch); the caller's RNG state is left as it was. Used by the lmms-eval adapter."""
+    tokenizer = processor.tokenizer
+    eos_id, pad_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.pad_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has no pad token (needed for left padding)")
+    config = decoding.generation_config(eos_id, pad_id, media_token_ids(tokenizer))
+    device, dtype = _model_device_dtype(model)
+    replies: list[list[str]] = [[] for _ in prompts]
+    with _eval_mode(model):
+        for sub_index, members in enumerate(split_by_audio_in_video(list(prompts))):
+            call_seed = None if decoding.greedy else _batch_seed(seed, 0, sub_index)
+            texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id, device, dtype,
+                              call_seed)
+            for position, i in enumerate(members):
+                replies[i] = [text for text, _, _ in texts[position * decoding.num_generations:
+                                                            (position + 1) * decoding.num_generations]]
+    return replies
 
 
 def _row(record: Record, sample_idx: int, reply: str, reply_tokens: int, truncated: bool, *, lenient: bool,

@@ -98,6 +98,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
     if layout not in EXPORT_LAYOUTS:
         raise ExportError(f"layout must be one of {', '.join(EXPORT_LAYOUTS)}, got {layout!r}")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    source_dir = model_dir  # holds the prompt settings the model was trained with (a LoRA adapter's too)
     if out_dir.exists():
         raise ExportError(f"{out_dir}: already exists; export never replaces a directory — choose a new --out "
                           "or delete it")
@@ -129,7 +130,8 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
                 _write_full(trained, base, tmp, max_shard_bytes, result)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
                              layout=layout, trained_from=str(model_dir) if not merged_lora else None,
-                             predictions=predictions, name=out_dir.name, **(card_ids or {}))
+                             predictions=predictions, name=out_dir.name, prompt_from=source_dir,
+                             **(card_ids or {}))
     return result
 
 

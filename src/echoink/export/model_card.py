@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,6 +32,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from echoink.eval.metrics import accuracy_summary, load_predictions
 from echoink.eval.run import run_file_path
+from echoink.model.prompt_settings import (PROMPT_SETTINGS_FILE, PromptSettings, PromptSettingsError,
+                                           read_prompt_settings)
 from echoink.prompts import PromptTemplate
 from echoink.io import JsonlError, read_jsonl_tolerant, write_text_atomic
 
@@ -59,30 +62,40 @@ def write_model_card(model_dir: str | Path, *, run_dir: str | Path | None = None
                      base: str | None = None, layout: str = "thinker", trained_from: str | None = None,
                      predictions: Sequence[str | Path] = (), name: str | None = None,
                      base_model_id: str | None = None, dataset_id: str | None = None,
-                     license: str | None = None) -> Path:
+                     license: str | None = None, prompt_from: str | Path | None = None) -> Path:
     """Write `model_dir`/README.md (atomically) and return its path; see :func:`card_text`. `name`: the card's
-    title (default: the directory's name, or RUN/final for a run's final model)."""
+    title (default: the directory's name, or RUN/final for a run's final model). The prompt settings saved with
+    the model (`echoink_prompt.json` in `prompt_from`, default `model_dir`) are the card's prompt and media
+    caps; without them, the run's config gives them."""
     model_dir = Path(model_dir)
     if name is None:  # a run's final/ or adapter/ directory is named after its run
         generic = model_dir.name in ("final", "adapter")
         name = f"{model_dir.resolve().parent.name}/{model_dir.name}" if generic else model_dir.name
+    try:
+        settings, settings_note = read_prompt_settings(prompt_from or model_dir), None
+    except PromptSettingsError as exc:
+        settings, settings_note = None, str(exc)
     text = card_text(name, run_dir=run_dir, config=config, base=base, layout=layout,
                      trained_from=trained_from, predictions=predictions, base_model_id=base_model_id,
-                     dataset_id=dataset_id, license=license)
+                     dataset_id=dataset_id, license=license, settings=settings,
+                     notes=[settings_note] if settings_note else None)
     return write_text_atomic(model_dir / CARD_FILE, text)
 
 
 def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | None = None, base: str | None = None,
               layout: str = "thinker", trained_from: str | None = None,
               predictions: Sequence[str | Path] = (), base_model_id: str | None = None,
-              dataset_id: str | None = None, license: str | None = None) -> str:
+              dataset_id: str | None = None, license: str | None = None, settings: PromptSettings | None = None,
+              notes: list[str] | None = None) -> str:
     """The card's Markdown. `config`: the run's TrainConfig as a dict (default: RUN_DIR/config.resolved.json);
     `base`: the base checkpoint (default: the config's model_path); `predictions`: prediction files whose
     accuracy the card reports (and its model-index holds). `base_model_id`, `dataset_id`: Hub ids for the
     header (default: `base` / the config's train_data when they are Hub ids, else left out: the Hub takes no
-    local path); `license`: a Hub license id (default: the base's own card's, else "other")."""
+    local path); `license`: a Hub license id (default: the base's own card's, else "other"); `settings`: the
+    prompt settings saved with the model (default: the config's prompt_template and media caps); `notes`:
+    lines for the Provenance section."""
     run_dir = Path(run_dir) if run_dir is not None else None
-    notes: list[str] = []
+    notes = list(notes or [])
     sources: list[str] = []
     if config is None and run_dir is not None and (run_dir / "config.resolved.json").is_file():
         config_path = run_dir / "config.resolved.json"
@@ -115,7 +128,7 @@ def card_text(name: str, *, run_dir: str | Path | None = None, config: dict | No
     parts = ["---", card_data.to_yaml().rstrip(), "---", "",
              f"# {name}", "", _summary(base_model_id or base, layout, config, rows), "",
              "## Training", "", _settings_section(config, rows), "",
-             "## Prompt and media", "", _prompt_section(config), "",
+             "## Prompt and media", "", _prompt_section(config, settings), "",
              "## Reward curves", "", _curves_section(rows, config), "",
              "## Evaluation", "", _evaluation_section(rows, predictions, notes), "",
              "## How to load", "", _loading_section(layout), "",
@@ -182,20 +195,26 @@ def _signature_data(path: Path) -> str | None:
     return data if isinstance(data, str) else None
 
 
-def _prompt_section(config: dict) -> str:
-    """The prompt template (the config's prompt_template over the defaults) and the media caps."""
-    if not config:
+def _prompt_section(config: dict, settings: PromptSettings | None) -> str:
+    """The prompt template and the media caps: those saved with the model, else the run config's."""
+    if settings is not None:
+        template, media = settings.template, asdict(settings.media)
+        source = f"saved with the model (`{PROMPT_SETTINGS_FILE}`, which `echoink eval` reads)"
+    elif config:
+        try:
+            template = PromptTemplate.from_dict(config.get("prompt_template") or {})
+        except (TypeError, ValueError) as exc:
+            return f"The run's prompt_template could not be read ({exc})."
+        media = {key: config[key] for key in MEDIA_SETTINGS if config.get(key) is not None}
+        source = "from the run's config"
+    else:
         return "The run's settings were not found: the prompt template and media caps are unknown."
-    try:
-        template = PromptTemplate.from_dict(config.get("prompt_template") or {})
-    except (TypeError, ValueError) as exc:
-        return f"The run's prompt_template could not be read ({exc})."
-    lines = [f"Prompt the model as it was trained (`echoink eval` does): template version `{template.version}`, "
-             "whose parts are", ""]
+    lines = [f"Prompt the model as it was trained ({source}): template version `{template.version}`, whose "
+             "parts are", ""]
     for key, value in template.text_fields().items():
         lines += [f"`{key}`:", "", _fenced("(none: the chat template's default)" if value is None else value), ""]
     lines += ["| media setting | value |", "| --- | --- |"]
-    lines += [f"| `{key}` | `{_cell(config[key])}` |" for key in MEDIA_SETTINGS if config.get(key) is not None]
+    lines += [f"| `{key}` | `{_cell(value)}` |" for key, value in media.items()]
     return "\n".join(lines)
 
 

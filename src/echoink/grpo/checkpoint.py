@@ -41,6 +41,7 @@ from echoink.config import TrainConfig
 from echoink.io import NoSpaceLeftError, replace_directory, reporting_full_disk, write_json_atomic
 from echoink.grpo.distributed import full_state_dict
 from echoink.model.processor import save_processor
+from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
 
 STATE_FILE = "trainer_state.json"
 ACCELERATE_STATE_DIR = "trainer_state"
@@ -286,8 +287,9 @@ def load_checkpoint_state(accelerator, checkpoint: str | Path) -> dict:
 
 
 def save_model_files(accelerator, policy, processor, directory: str | Path, peft_model=None,
-                     atomic: bool = True) -> Path:
-    """Write the trained thinker to `directory` — or, under LoRA, the adapter to `directory/adapter`.
+                     atomic: bool = True, prompt_settings: PromptSettings | None = None) -> Path:
+    """Write the trained thinker to `directory` — or, under LoRA, the adapter to `directory/adapter` —
+    with the run's `prompt_settings` (echoink_prompt.json: how `echoink eval` prompts it by default).
 
     Call on every rank (full weights are gathered under ZeRO-3 / FSDP). With `atomic`, the files are
     written in a temporary sibling and renamed into place, so the target is never half-written;
@@ -309,6 +311,8 @@ def save_model_files(accelerator, policy, processor, directory: str | Path, peft
                 else:
                     _save_thinker_weights(accelerator.unwrap_model(policy).thinker, state, tmp)
                 save_processor(processor, tmp)
+                if prompt_settings is not None:
+                    write_prompt_settings(tmp, prompt_settings)
                 if atomic:
                     replace_directory(tmp, target)
         except NoSpaceLeftError as exc:

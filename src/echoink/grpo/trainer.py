@@ -45,6 +45,7 @@ from echoink.model import load_thinker
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
 from echoink.model.loading import read_checkpoint
+from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
 from echoink.model.trainable import (
     apply_freezing,
     check_family_settings,
@@ -157,8 +158,11 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
                                 config.top_p, config.top_k)
     model_dtype = torch.bfloat16 if config.bf16 else torch.float32
 
+    prompt_settings = PromptSettings.from_config(config)  # saved with every model: eval prompts it the same way
+
     def save_model(directory: Path) -> None:  # called on every rank (gathering sharded weights is collective)
-        save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False)
+        save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False,
+                         prompt_settings=prompt_settings)
 
     context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
                           rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
@@ -210,10 +214,11 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     log.note(f"saving the final model to {output_dir / 'adapter' if peft_model is not None else final}")
     accelerator.wait_for_everyone()
     save_model_files(accelerator, policy, processor, output_dir if peft_model is not None else final,
-                     peft_model)  # under LoRA: output_dir/adapter (+ the merged thinker in final/ on request)
+                     peft_model, prompt_settings=prompt_settings)  # under LoRA: output_dir/adapter
     if accelerator.is_main_process:
-        if peft_model is not None and config.save_merged_model:
+        if peft_model is not None and config.save_merged_model:  # (+ the merged thinker in final/ on request)
             merge_adapter(config.model_path, output_dir / "adapter", final)
+            write_prompt_settings(final, prompt_settings)
         write_json_atomic(output_dir / "config.resolved.json", config.to_dict())
     accelerator.wait_for_everyone()
     log.close()

@@ -108,8 +108,6 @@ def encode_prompt(
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     drop = frozenset(record.media) if ablate == "no-media" else frozenset()
     messages = build_messages(record, template, drop_media=drop)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
     media = {} if ablate == "no-media" else load_record_media(
         record,
         max_audio_seconds=media_options.max_audio_seconds,
@@ -118,8 +116,20 @@ def encode_prompt(
         video_fps=media_options.video_fps,
         video_max_frames=media_options.video_max_frames,
     )
-    media = apply_ablation(media, ablate)
+    return encode_messages(messages, apply_ablation(media, ablate), processor, media_options,
+                           problem_id=record.problem_id)
 
+
+def encode_messages(messages: list[dict], media: dict[str, Any], processor,
+                    media_options: MediaOptions = MediaOptions(), problem_id: Any = None) -> PromptInputs:
+    """Chat messages whose media parts are already decoded -> PromptInputs for one prompt.
+
+    `messages` name one media part per kind present in `media` (``{"type": "image", "image": ...}``: the chat
+    template only writes its placeholder); `media` is what `data.media.load_record_media` returns: ``image``
+    (PIL), ``audio`` (float32 16 kHz), ``video`` (LoadedVideo) and ``video_audio`` (the video's own track,
+    used when ``media_options.use_audio_in_video``).
+    """
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     use_audio_in_video = media_options.use_audio_in_video and "video_audio" in media
     kwargs: dict = {"text": [text], "return_tensors": "pt"}
     audio = [media["audio"]] if "audio" in media else []
@@ -143,7 +153,7 @@ def encode_prompt(
         input_ids=torch.as_tensor(encoded["input_ids"]),
         media=tensors,
         use_audio_in_video=use_audio_in_video,
-        problem_id=record.problem_id,
+        problem_id=problem_id,
         generation_prefix=generation_prefix(text),
     )
 

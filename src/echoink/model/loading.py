@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from echoink.hub_ids import hub_id_hint, looks_like_hub_id
 from echoink.io import building_directory
 from echoink.model.families import OmniFamily, UnsupportedModelError, family_for_model_type
 from echoink.model.processor import load_processor, save_processor
@@ -55,7 +56,8 @@ def read_checkpoint(path: str | Path) -> tuple[OmniFamily, object, bool]:
     """-> (family, thinker config, is_full_layout) of a checkpoint directory; checks the directory and weights."""
     path = Path(path)
     if not path.exists():
-        raise ModelLoadError(f"{path}: model directory does not exist")
+        raise ModelLoadError(hub_id_hint(path, "model") if looks_like_hub_id(path)
+                             else f"{path}: model directory does not exist")
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory (expected a model directory with config.json)")
     config_file = path / "config.json"
