@@ -539,3 +539,44 @@ def test_num_completions_to_print_negative_says_so_once():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["num_completions_to_print=-1"])
     assert str(caught.value).count("num_completions_to_print must be >= 0") == 1
+
+
+def test_dry_run_makes_the_family_checks_of_the_real_run(tiny_model_dir, qwen3_model_dir, mixed_dataset, tmp_path):
+    runner = CliRunner()
+    data = f"train_data={mixed_dataset}/train/omni_rl_format_train.json"
+    dense = runner.invoke(app, ["train", "--dry-run", f"model_path={tiny_model_dir}", data,
+                                "router_aux_loss_coef=0.01", "group_sharing=none"])
+    _one_line_error(dense, "router_aux_loss_coef=0.01: Qwen2.5-Omni has no mixture-of-experts router")
+    experts = ["train", "--dry-run", f"model_path={qwen3_model_dir}", data, "use_peft=true",
+               "lora_target_modules=[language_model,experts]", "group_sharing=none"]
+    _one_line_error(runner.invoke(app, [*experts, "lora_dropout=0.05"]),
+                    "lora_target_modules with 'experts': PEFT's LoRA on the fused expert parameters has no dropout; "
+                    "set lora_dropout: 0 (got 0.05)")
+    assert runner.invoke(app, [*experts, "lora_dropout=0"]).exit_code == 0
+    missing = runner.invoke(app, ["train", "--dry-run", f"model_path={tmp_path / 'not-downloaded'}", data])
+    assert missing.exit_code == 0 and "its family checks are skipped" in missing.output
+
+
+def test_peft_refusals_are_one_line(tiny_model_dir):
+    from echoink.config import TrainConfig
+    from echoink.model import load_thinker
+    from echoink.model.families import UnsupportedModelError
+    from echoink.model.trainable import wrap_lora
+
+    thinker, _ = load_thinker(tiny_model_dir)
+    with pytest.raises(UnsupportedModelError) as caught:
+        wrap_lora(thinker, TrainConfig(use_peft=True, lora_r=2, lora_target_modules=["no_such_projection"]))
+    message = str(caught.value)
+    assert "\n" not in message and "PEFT refused it" in message and len(message) < 500
+
+
+def test_eval_checks_its_arguments_before_loading_the_model(mixed_dataset, tmp_path):
+    from echoink.eval.run import evaluate
+
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    for settings, message in (({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+                              ({"max_prompt_length": 0}, "max_prompt_length must be >= 1"),
+                              ({"limit": -1}, "limit")):
+        with pytest.raises(ValueError, match=message) as caught:
+            evaluate(tmp_path / "no-model", data, tmp_path / "p.jsonl", **settings)
+        assert "model directory does not exist" not in str(caught.value)

@@ -293,6 +293,7 @@ def train_command(
         try:  # what train() checks before the model loads, minus the data: a bad reward or template fails here
             resolve_rewards(cfg.reward_funcs)
             PromptTemplate.from_dict(cfg.prompt_template)
+            _dry_run_family_checks(cfg)
         except (TypeError, ValueError) as exc:
             _fail(str(exc))
 
@@ -352,6 +353,20 @@ def config_command(
             typer.echo(f"{key.name} ({key.type}, default {key.default}): {key.help} [{key.section}]")
         return
     typer.echo(describe_config_keys())
+
+
+def _dry_run_family_checks(cfg) -> None:
+    """train's checks of the model directory and of the settings its family cannot honour (its config.json
+    is read, not its weights); a model not downloaded yet is said and skipped."""
+    from echoink.model.loading import read_checkpoint
+    from echoink.model.trainable import check_family_settings
+
+    if not cfg.model_path or not Path(cfg.model_path).exists():
+        typer.echo(f"note: model_path {cfg.model_path or '(unset)'} not found: its family checks are skipped",
+                   err=True)
+        return
+    family, _, _ = read_checkpoint(cfg.model_path)
+    check_family_settings(family, cfg)
 
 
 def _working_directory_importable() -> None:

@@ -62,7 +62,7 @@ def generate_predictions(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
-    _check_unique_ids(records)
+    check_unique_ids(records)
     engine = evaluation_engine(model, processor.tokenizer)
     common = {"model": model_name, "decoding": decoding.as_dict(), "prompt_version": template.version,
               "ablate": ablate}
@@ -110,7 +110,7 @@ def answer_prompts(model, processor, prompts: Sequence[PromptInputs], decoding: 
     return [list(group.texts) for group in groups]
 
 
-def _check_unique_ids(records: Sequence[Record]) -> None:
+def check_unique_ids(records: Sequence[Record]) -> None:
     seen: set[str] = set()
     for record in records:
         key = str(record.problem_id)

@@ -21,7 +21,7 @@ import torch
 
 from echoink.config import TrainConfig
 from echoink.data.records import Record, load_dataset
-from echoink.eval.generation import generate_predictions
+from echoink.eval.generation import check_unique_ids, generate_predictions
 from echoink.eval.grading import Row
 from echoink.eval.metrics import headline_summary
 from echoink.eval.protocols import protocol_settings
@@ -74,8 +74,22 @@ def evaluate(
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
     records = load_dataset(data_path)
+    _check_before_loading(records, settings)
     with hold_lock(file_lock(out_path), f"predictions file {out_path}"):  # one writer per file (run_lock.py)
         return _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings)
+
+
+def _check_before_loading(records: Sequence[Record], settings: dict) -> None:
+    """The argument checks `evaluate_loaded` and `generate_predictions` make, made before the model loads."""
+    batch_size, max_prompt_length = settings.get("batch_size", 8), settings.get("max_prompt_length")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+    chosen = first_records(records, settings.get("limit"))
+    check_unique_ids(chosen)
+    if settings.get("protocol", "ours") != "ours":
+        _check_multiple_choice(chosen, settings["protocol"])
 
 
 def _evaluate_locked(model, records, data_path, out_path, progress, dtype, device, settings) -> dict[str, Any]:

@@ -45,8 +45,15 @@ from echoink.model import load_thinker
 from echoink.model.engine import rollout_engine
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
+from echoink.model.loading import read_checkpoint
 from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
-from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
+from echoink.model.trainable import (
+    apply_freezing,
+    check_family_settings,
+    merge_adapter,
+    prepare_for_training,
+    wrap_lora,
+)
 from echoink.problem_types import register_problem_types
 from echoink.prompts import PromptTemplate
 
@@ -78,6 +85,8 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
                           "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
     rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
+    family, _, _ = read_checkpoint(config.model_path)  # config.json and the weight files, not the weights
+    check_family_settings(family, config)  # settings this family cannot honour, before the model loads
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from echoink.hub_ids import hub_id_hint, looks_like_hub_id
-from echoink.io import building_directory, read_object_file
+from echoink.io import read_object_file
 from echoink.model.families import OmniFamily, UnsupportedModelError, family_for_model_type
 from echoink.model.processor import load_processor
 from echoink.model.saving import quiet_transformers

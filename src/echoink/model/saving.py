@@ -16,14 +16,15 @@ from echoink.model.processor import save_processor
 @contextmanager
 def quiet_transformers():
     """The talker / speech-decoder weights and configs are skipped on purpose: silence transformers' notes on them."""
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:  # as they were: a training run keeps them off for its whole length (grpo/run_log.py)
+            hf_logging.enable_progress_bar()
 
 
 def save_thinker(model, processor, out_dir: str | Path) -> Path:
