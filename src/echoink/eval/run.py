@@ -50,7 +50,7 @@ import inspect
 import json
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -158,12 +158,13 @@ def generate_predictions(
             kept = [i for i in range(len(chunk)) if i not in too_long]
             for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
                 members = [kept[i] for i in sub_members]
-                seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
-                texts = _generate([prompts[i] for i in members], model, tokenizer, config, eos_id, pad_id,
-                                  device, dtype, seed)
-                for position, i in enumerate(members):
-                    for s in range(decoding.num_generations):
-                        replies[(str(chunk[i].problem_id), s)] = texts[position * decoding.num_generations + s]
+                for first, count, piece_config, seed in _sample_pieces(decoding, config, chunk_index, sub_index,
+                                                                       eos_id, pad_id, media_token_ids(tokenizer)):
+                    texts = _generate([prompts[i] for i in members], model, tokenizer, piece_config, eos_id, pad_id,
+                                      device, dtype, seed)
+                    for position, i in enumerate(members):
+                        for s in range(count):
+                            replies[(str(chunk[i].problem_id), first + s)] = texts[position * count + s]
             lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
             rows = []
             for r, s in wanted:
@@ -176,6 +177,24 @@ def generate_predictions(
                                       f"max_prompt_length {max_prompt_length}")
                     rows.append(row if protocol == "ours" else {**row, "protocol": protocol})
             yield rows
+
+
+#: Samples of one problem generated in one call at most; more are generated in pieces of this many (the first
+#: piece seeded as a single call was, so K <= this gives the samples it always gave).
+SAMPLES_PER_CALL = 256
+
+
+def _sample_pieces(decoding: SamplingSettings, config: GenerationConfig, chunk_index: int, sub_index: int,
+                   eos_id: int, pad_id: int, suppress: list[int]) -> Iterator[tuple]:
+    """(first sample index, samples, GenerationConfig, seed or None) of each generate call for one sub-batch."""
+    total = decoding.num_generations
+    for piece, first in enumerate(range(0, total, SAMPLES_PER_CALL)):
+        count = min(SAMPLES_PER_CALL, total - first)
+        piece_config = config if count == total else replace(decoding, num_generations=count).generation_config(
+            eos_id, pad_id, suppress)
+        seed = None if decoding.greedy else (_batch_seed(decoding.seed, chunk_index, sub_index) if piece == 0
+                                             else _batch_seed(decoding.seed, chunk_index, sub_index, piece))
+        yield first, count, piece_config, seed
 
 
 @torch.no_grad()
@@ -274,10 +293,11 @@ def evaluate(
         raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
     sampling_settings(**{k: v for k, v in settings.items() if k in _SAMPLING_ARGS})
     samples, batch_size = settings.get("samples", 1), settings.get("batch_size", 8)
-    if isinstance(samples, int) and isinstance(batch_size, int) and samples * batch_size > MAX_SEQUENCES_PER_CALL:
-        raise ValueError(f"--batch-size {batch_size} x --samples {samples} = {batch_size * samples} replies generated "
+    per_call = min(samples, SAMPLES_PER_CALL) if isinstance(samples, int) else 1
+    if isinstance(batch_size, int) and per_call * batch_size > MAX_SEQUENCES_PER_CALL:
+        raise ValueError(f"--batch-size {batch_size} x {per_call} samples = {batch_size * per_call} replies generated "
                          f"at once, more than {MAX_SEQUENCES_PER_CALL}; lower --batch-size to at most "
-                         f"{max(1, MAX_SEQUENCES_PER_CALL // samples)}")
+                         f"{max(1, MAX_SEQUENCES_PER_CALL // per_call)}")
     ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
@@ -407,8 +427,8 @@ _EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
     "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
 
 
-#: The most answers per problem (`--samples`), and the most sequences one generate call may hold
-#: (`--batch-size` x `--samples`): the replies of a batch are generated together, so these bound the memory.
+#: The most answers per problem (`--samples`), and the most sequences one generate call may hold (`--batch-size`
+#: x the samples of a call, at most SAMPLES_PER_CALL): these bound the memory of an evaluation.
 MAX_EVAL_SAMPLES = 1024
 MAX_SEQUENCES_PER_CALL = 4096
 
@@ -417,8 +437,8 @@ def sampling_settings(greedy: bool = True, samples: int = 1, temperature: float 
                       top_k: int | None = None, seed: int = 0, max_new_tokens: int = 256) -> SamplingSettings:
     """Evaluation's decoding arguments (`samples` = K answers per problem) as the shared settings type."""
     if isinstance(samples, int) and samples > MAX_EVAL_SAMPLES:
-        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem (each "
-                         f"problem's answers are generated together); use at most {MAX_EVAL_SAMPLES}")
+        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem; use at most "
+                         f"{MAX_EVAL_SAMPLES}")
     return SamplingSettings(num_generations=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, greedy=greedy, seed=seed)
 
@@ -598,9 +618,11 @@ def _check_unique_ids(records: Sequence[Record]) -> None:
         seen.add(key)
 
 
-def _batch_seed(seed: int, chunk_index: int, sub_index: int) -> int:
-    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run."""
-    return int(np.random.SeedSequence([seed, chunk_index, sub_index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+def _batch_seed(seed: int, chunk_index: int, sub_index: int, *piece: int) -> int:
+    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run (and the
+    piece of a problem's samples, past the first `SAMPLES_PER_CALL`)."""
+    entropy = [seed, chunk_index, sub_index, *piece]
+    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 @contextmanager
