@@ -121,7 +121,10 @@ class DatasetError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         count = len(self.problems)
-        header = f"dataset validation failed with {count} problem{'s' if count != 1 else ''}:"
+        if count == 1:  # one line (a missing file, a Hub id, one bad field)
+            super().__init__(f"dataset validation failed: {self.problems[0]}")
+            return
+        header = f"dataset validation failed with {count} problems:"
         super().__init__("\n".join([header, *self.problems]))
 
 
