@@ -413,9 +413,9 @@ def test_a_user_parse_solution_that_raises_names_the_record(user_modules, tmp_pa
 
 @pytest.mark.parametrize("score, shown", [
     ("return Score(5.0, True)", "Score(value=5.0, parsed=True)"),
-    ("return Score(float('nan'), True)", "Score(value=nan, parsed=True)"),
-    ("return Score('high', True)", "Score(value='high', parsed=True)"),
-    ("return 0.5", "0.5"),
+    pytest.param("return Score(float('nan'), True)", "Score(value=nan, parsed=True)", marks=pytest.mark.slow),
+    pytest.param("return Score('high', True)", "Score(value='high', parsed=True)", marks=pytest.mark.slow),
+    pytest.param("return 0.5", "0.5", marks=pytest.mark.slow),
     ("raise LookupError('no table')", None),
 ])
 def test_user_scores_are_numbers_in_0_1_in_training_and_evaluation(user_modules, tmp_path, mixed_dataset,
