@@ -606,3 +606,15 @@ def test_eval_checks_its_arguments_before_loading_the_model(mixed_dataset, tmp_p
         with pytest.raises(ValueError, match=message) as caught:
             evaluate(tmp_path / "no-model", data, tmp_path / "p.jsonl", **settings)
         assert "model directory does not exist" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [5.0, -0.1, float("nan"), float("inf"), "high", None, True, 0.5])
+def test_checked_score_refuses_anything_but_a_score_in_0_1(value):
+    from echoink.problem_types import PROBLEM_TYPES, Score, checked_score
+
+    kind = PROBLEM_TYPES["multiple choice"]
+    score = 0.5 if value == 0.5 and not isinstance(value, bool) else Score(value, True)
+    with pytest.raises(ValueError, match=r"score\(\) returned .*; it must return Score\(value, parsed\) with value "
+                                         r"a number in \[0, 1\]"):
+        checked_score(kind, score)
+    assert checked_score(kind, Score(1, True)) == Score(1.0, True)
