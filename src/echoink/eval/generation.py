@@ -23,6 +23,7 @@ interruptions, and the caller's global RNG state is never touched. Greedy decodi
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 from echoink.data.records import Record
@@ -32,6 +33,11 @@ from echoink.model.engine import evaluation_engine, prompt_generators, prompt_se
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import ABLATIONS, MediaOptions, PromptInputs, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
+
+
+#: Samples of one problem drawn in one engine call at most; more are drawn in pieces of this many (piece p > 0 of
+#: a problem seeded by (seed, record position, p); the first piece as a single call would be).
+SAMPLES_PER_CALL = 256
 
 
 def generate_predictions(
@@ -76,13 +82,16 @@ def generate_predictions(
         prompts = [encode_prompt(r, processor, media_options, template, ablate) for r in chunk]
         replies: dict[tuple[str, int], tuple[str, int, bool]] = {}
         kept = [i for i, p in enumerate(prompts) if not (max_prompt_length and p.length > max_prompt_length)]
-        generators = None if decoding.greedy else prompt_generators(
-            [prompt_seed(decoding.seed, start + i) for i in kept], device)
-        groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in kept], decoding, generators)
-        for i, group in zip(kept, groups):
-            for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
-                                                              group.truncated.tolist())):
-                replies[(str(chunk[i].problem_id), s)] = (text, int(length), bool(truncated))
+        for piece, first in enumerate(range(0, decoding.num_generations, SAMPLES_PER_CALL)):
+            count = min(SAMPLES_PER_CALL, decoding.num_generations - first)
+            generators = None if decoding.greedy else prompt_generators(
+                [prompt_seed(decoding.seed, start + i, *((piece,) if piece else ())) for i in kept], device)
+            groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in kept],
+                                     replace(decoding, num_generations=count), generators)
+            for i, group in zip(kept, groups):
+                for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
+                                                                  group.truncated.tolist())):
+                    replies[(str(chunk[i].problem_id), first + s)] = (text, int(length), bool(truncated))
         lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
         rows = []
         for r, s in wanted:
