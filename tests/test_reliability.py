@@ -492,23 +492,24 @@ def test_eval_samples_have_a_ceiling_checked_before_the_model_loads(mixed_datase
 
 
 def test_many_samples_of_one_problem_are_generated_in_pieces(tiny_model_dir, mixed_dataset, tmp_path, monkeypatch):
-    import echoink.eval.run as run_module
+    import echoink.eval.generation as generation_module
     from echoink.eval.run import evaluate
+    from echoink.model.engine import SharedPrefillEngine
 
     calls = []
-    real_generate = run_module._generate
+    real_generate = SharedPrefillEngine._generate
 
-    def counting(prompts, model, tokenizer, config, *args):
-        calls.append(len(prompts) * config.num_return_sequences)
-        return real_generate(prompts, model, tokenizer, config, *args)
+    def counting(self, prompts, sampling, generators):
+        calls.append(len(prompts) * sampling.num_generations)
+        return real_generate(self, prompts, sampling, generators)
 
-    monkeypatch.setattr(run_module, "_generate", counting)
+    monkeypatch.setattr(SharedPrefillEngine, "_generate", counting)
     data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
     whole = evaluate(tiny_model_dir, data, tmp_path / "whole.jsonl", greedy=False, samples=3, limit=1,
                      max_new_tokens=2, batch_size=1, progress=False)
     assert calls == [3] and whole["n"] == 3
     calls.clear()
-    monkeypatch.setattr(run_module, "SAMPLES_PER_CALL", 2)
+    monkeypatch.setattr(generation_module, "SAMPLES_PER_CALL", 2)
     pieces = evaluate(tiny_model_dir, data, tmp_path / "pieces.jsonl", greedy=False, samples=5, limit=1,
                       max_new_tokens=2, batch_size=1, progress=False)
     assert calls == [2, 2, 1] and pieces["n"] == 5
