@@ -24,6 +24,7 @@ or without interruptions.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -83,13 +84,14 @@ def generate_predictions(
         kept = [i for i in range(len(chunk)) if i not in too_long]
         for sub_index, sub_members in enumerate(split_by_audio_in_video([prompts[i] for i in kept])):
             members = [kept[i] for i in sub_members]
-            seed = None if decoding.greedy else _batch_seed(decoding.seed, chunk_index, sub_index)
-            with _seeded_rng(seed, device) if seed is not None else nullcontext():
-                groups = engine.generate([move_prompt(prompts[i], device, dtype) for i in members], decoding)
-            for i, group in zip(members, groups):
-                for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
-                                                                  group.truncated.tolist())):
-                    replies[(str(chunk[i].problem_id), s)] = (text, int(length), bool(truncated))
+            batch = [move_prompt(prompts[i], device, dtype) for i in members]
+            for first, piece, seed in _sample_pieces(decoding, chunk_index, sub_index):
+                with _seeded_rng(seed, device) if seed is not None else nullcontext():
+                    groups = engine.generate(batch, piece)
+                for i, group in zip(members, groups):
+                    for s, (text, length, truncated) in enumerate(zip(group.texts, group.completion_lengths.tolist(),
+                                                                      group.truncated.tolist())):
+                        replies[(str(chunk[i].problem_id), first + s)] = (text, int(length), bool(truncated))
         lengths = {str(r.problem_id): p.length for r, p in zip(chunk, prompts)}
         rows = []
         for r, s in wanted:
@@ -132,9 +134,27 @@ def check_unique_ids(records: Sequence[Record]) -> None:
         seen.add(key)
 
 
-def _batch_seed(seed: int, chunk_index: int, sub_index: int) -> int:
-    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run."""
-    return int(np.random.SeedSequence([seed, chunk_index, sub_index]).generate_state(2, dtype=np.uint64)[0] >> 1)
+#: Samples of one problem generated in one call at most; more are generated in pieces of this many (the first
+#: piece seeded as a single call was, so K <= this gives the samples it always gave).
+SAMPLES_PER_CALL = 256
+
+
+def _sample_pieces(decoding: SamplingSettings, chunk_index: int, sub_index: int) -> Iterator[tuple]:
+    """(first sample index, the piece's settings, seed or None) of each engine call for one sub-batch."""
+    total = decoding.num_generations
+    for piece, first in enumerate(range(0, total, SAMPLES_PER_CALL)):
+        count = min(SAMPLES_PER_CALL, total - first)
+        settings = decoding if count == total else replace(decoding, num_generations=count)
+        seed = None if decoding.greedy else (_batch_seed(decoding.seed, chunk_index, sub_index) if piece == 0
+                                             else _batch_seed(decoding.seed, chunk_index, sub_index, piece))
+        yield first, settings, seed
+
+
+def _batch_seed(seed: int, chunk_index: int, sub_index: int, *piece: int) -> int:
+    """A 63-bit seed for one generate call, derived from the run seed and the call's place in the run (and the
+    piece of a problem's samples, past the first `SAMPLES_PER_CALL`)."""
+    entropy = [seed, chunk_index, sub_index, *piece]
+    return int(np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)[0] >> 1)
 
 
 @contextmanager

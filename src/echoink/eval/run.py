@@ -21,7 +21,7 @@ import torch
 
 from echoink.config import TrainConfig
 from echoink.data.records import Record, load_dataset
-from echoink.eval.generation import check_unique_ids, generate_predictions
+from echoink.eval.generation import SAMPLES_PER_CALL, check_unique_ids, generate_predictions
 from echoink.eval.grading import Row
 from echoink.eval.metrics import headline_summary
 from echoink.eval.protocols import protocol_settings
@@ -66,10 +66,11 @@ def evaluate(
         raise TypeError(f"evaluate() got unknown setting(s): {', '.join(unknown)}")
     sampling_settings(**{k: v for k, v in settings.items() if k in _SAMPLING_ARGS})
     samples, batch_size = settings.get("samples", 1), settings.get("batch_size", 8)
-    if isinstance(samples, int) and isinstance(batch_size, int) and samples * batch_size > MAX_SEQUENCES_PER_CALL:
-        raise ValueError(f"--batch-size {batch_size} x --samples {samples} = {batch_size * samples} replies generated "
+    per_call = min(samples, SAMPLES_PER_CALL) if isinstance(samples, int) else 1
+    if isinstance(batch_size, int) and per_call * batch_size > MAX_SEQUENCES_PER_CALL:
+        raise ValueError(f"--batch-size {batch_size} x {per_call} samples = {batch_size * per_call} replies generated "
                          f"at once, more than {MAX_SEQUENCES_PER_CALL}; lower --batch-size to at most "
-                         f"{max(1, MAX_SEQUENCES_PER_CALL // samples)}")
+                         f"{max(1, MAX_SEQUENCES_PER_CALL // per_call)}")
     ablate = settings.get("ablate", "none")
     if ablate not in ABLATIONS:
         raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
@@ -196,8 +197,8 @@ _EVALUATE_SETTINGS = set(inspect.signature(evaluate_loaded).parameters) - {
     "model", "processor", "records", "out_path", "progress", "model_name", "data_name"}
 
 
-#: The most answers per problem (`--samples`), and the most sequences one generate call may hold
-#: (`--batch-size` x `--samples`): the replies of a batch are generated together, so these bound the memory.
+#: The most answers per problem (`--samples`), and the most sequences one generate call may hold (`--batch-size`
+#: x the samples of a call, at most SAMPLES_PER_CALL): these bound the memory of an evaluation.
 MAX_EVAL_SAMPLES = 1024
 MAX_SEQUENCES_PER_CALL = 4096
 
@@ -206,8 +207,8 @@ def sampling_settings(greedy: bool = True, samples: int = 1, temperature: float 
                       top_k: int | None = None, seed: int = 0, max_new_tokens: int = 256) -> SamplingSettings:
     """Evaluation's decoding arguments (`samples` = K answers per problem) as the shared settings type."""
     if isinstance(samples, int) and samples > MAX_EVAL_SAMPLES:
-        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem (each "
-                         f"problem's answers are generated together); use at most {MAX_EVAL_SAMPLES}")
+        raise ValueError(f"--samples {samples} is more than {MAX_EVAL_SAMPLES} answers per problem; use at most "
+                         f"{MAX_EVAL_SAMPLES}")
     return SamplingSettings(num_generations=samples, max_new_tokens=max_new_tokens, temperature=temperature,
                             top_p=top_p, top_k=top_k, greedy=greedy, seed=seed)
 
