@@ -214,7 +214,7 @@ class TrainConfig:
               f"max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
         problems.extend(sampling_problems(self.temperature, self.top_p, self.top_k))
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.learning_rate <= 1 or self.allow_large_learning_rate,
+        check(not math.isfinite(self.learning_rate) or self.learning_rate <= 1 or self.allow_large_learning_rate,
               f"learning_rate={self.learning_rate} is above 1, which ruins the weights at the first update (AdamW "
               "moves each weight by about the learning rate); fine-tuning uses 1e-7 to 1e-3. If you mean it, "
               "set allow_large_learning_rate=true")

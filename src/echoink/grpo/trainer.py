@@ -85,14 +85,14 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
                           "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
     rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
-    family, _, _ = read_checkpoint(config.model_path)  # config.json and the weight files, not the weights
-    check_family_settings(family, config)  # settings this family cannot honour, before the model loads
     if config.torch_num_threads:
         torch.set_num_threads(config.torch_num_threads)
 
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     check_dataset_modalities(accelerator, records)
     resume = choose_resume_checkpoint(config, resume_from, accelerator.num_processes)  # validated, not loaded yet
+    family, _, _ = read_checkpoint(config.model_path)  # config.json and the weight files, not the weights
+    check_family_settings(family, config)  # settings this family cannot honour, before the model loads
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
