@@ -202,9 +202,9 @@ def run_worker(args) -> dict:
     import torch
 
     from echoink.grpo.logprobs import group_token_logps
-    from echoink.grpo.rollout import sample_group
+    from echoink.model.engine import Group, rollout_engine
+    from echoink.model.families import family_of_model
     from echoink.model.generation import SamplingSettings, completion_mask
-    from echoink.grpo.types import Group
 
     tiny = importlib.import_module(TINY_BUILDERS[args.family])
     if args.threads:
@@ -218,6 +218,7 @@ def run_worker(args) -> dict:
     prompt = build_prompt(processor).to(device, dtype)
     sharing, prefix = SHARING[args.path]
     memory = Memory(args.device)
+    engine = rollout_engine(model, tokenizer, sharing)
 
     def sync():
         if device.type == "cuda":
@@ -230,7 +231,7 @@ def run_worker(args) -> dict:
         generator = torch.Generator().manual_seed(seed)
         first_special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         ids = torch.randint(0, first_special, (g, c), generator=generator).to(device)  # never EOS
-        mask, truncated = completion_mask(ids, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+        mask, truncated = completion_mask(ids, family_of_model(model).eos_id(tokenizer))
         group = Group(prompt=prompt, completion_ids=ids, completion_mask=mask, texts=[""] * g, truncated=truncated)
         advantages = torch.randn(g, 1, generator=generator).to(device)
 
@@ -252,7 +253,7 @@ def run_worker(args) -> dict:
             model.eval()
             torch.manual_seed(seed)
             sampling = SamplingSettings(num_generations=g, max_new_tokens=c, min_new_tokens=c)
-            sampled = sample_group(model, prompt, sampling, tokenizer, share_prefill=sharing == "full")
+            sampled = engine.generate([prompt], sampling)[0]
             assert sampled.completion_ids.shape == (g, c) and bool(sampled.completion_mask.all()), "C must be exact"
 
         def policy():

@@ -57,10 +57,11 @@ def step_cost(args) -> None:
     from echoink.grpo import group_advantages
     from echoink.grpo.logprobs import Policy
     from echoink.grpo.loss import GRPOLoss, StepCounts
-    from echoink.grpo.rollout import sample_group
     from echoink.grpo.step import StepContext, _with_old_and_reference_logps, update
-    from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
+    from echoink.grpo.types import CollectedBatch, ScoredGroup
+    from echoink.model.engine import Group, SharedPrefillEngine
     from echoink.model.generation import SamplingSettings, completion_mask
+    from echoink.model.families.qwen2_5_omni import FAMILY as QWEN2_5_OMNI
     from echoink.model.tiny import SPECS, build_tiny_thinker
 
     if args.threads:
@@ -69,7 +70,7 @@ def step_cost(args) -> None:
     model, processor = build_tiny_thinker(SPECS["bench"], seed=0)
     tokenizer = processor.tokenizer
     prompt = build_prompt(processor)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = QWEN2_5_OMNI.eos_id(tokenizer)
     first_special = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     generator = torch.Generator().manual_seed(0)
     groups = []
@@ -82,7 +83,8 @@ def step_cost(args) -> None:
     model.eval()
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    sample_group(model, prompt, SamplingSettings(num_generations=g, max_new_tokens=c, min_new_tokens=c), tokenizer)
+    SharedPrefillEngine(model, tokenizer).generate([prompt], SamplingSettings(num_generations=g, max_new_tokens=c,
+                                                                               min_new_tokens=c))
     rollout_per_group = time.perf_counter() - t0
 
     config = TrainConfig(num_generations=g, max_completion_length=c, beta=0.001, per_device_train_batch_size=b,
@@ -100,7 +102,7 @@ def step_cost(args) -> None:
             policy = Policy(model)
             optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-            context = StepContext(config, Accelerator(cpu=True), policy, model, model, None, optimizer, scheduler,
+            context = StepContext(config, Accelerator(cpu=True), policy, model, None, model, None, optimizer, scheduler,
                                   processor, None, GRPOLoss.from_config(config), None, None, None, torch.float32)
             t0 = time.perf_counter()
             with_ref = _with_old_and_reference_logps(context, [scored])
@@ -159,7 +161,7 @@ def _run(out: Path, name: str, warm: Path, train_json: Path, valid_json: Path, s
          extra: list[str]) -> list[dict]:
     from echoink.config import load_config
     from echoink.demo import DEMO_CONFIG
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
     run_dir = out / "runs" / f"{name}-seed{seed}"

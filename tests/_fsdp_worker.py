@@ -26,7 +26,7 @@ from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni as omni
 
 from echoink.data import load_dataset
 from echoink.grpo.distributed import gathered_for_generation
-from echoink.grpo.rollout import sample_group
+from echoink.model.engine import SharedPrefillEngine
 from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
@@ -50,7 +50,8 @@ def main(model_dir: str, data_file: str, out_dir: str) -> None:
     inner.eval()
     with gathered_for_generation(accelerator, policy):
         full_numel = sum(p.numel() for p in inner.parameters())
-        group = sample_group(inner, encode_prompt(record, processor), SamplingSettings(3, 6), processor.tokenizer)
+        engine = SharedPrefillEngine(inner, processor.tokenizer)
+        group = engine.generate([encode_prompt(record, processor)], SamplingSettings(3, 6))[0]
     inner.train()
     logps = policy([group])[0]
     (logps * group.completion_mask).sum().backward()

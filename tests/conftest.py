@@ -39,7 +39,7 @@ def mixed_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen3_model_dir(tmp_path_factory):
-    from echoink.model.families import write_tiny_checkpoint
+    from echoink.model.tiny_families import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3") / "thinker", family="qwen3-omni",
                                  layout="thinker", seed=0)
@@ -47,7 +47,7 @@ def qwen3_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def qwen3_full_dir(tmp_path_factory):
-    from echoink.model.families import write_tiny_checkpoint
+    from echoink.model.tiny_families import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen3_full") / "full", family="qwen3-omni",
                                  layout="full", seed=0)

@@ -14,7 +14,7 @@ def test_the_qwen3_omni_demo_runs_end_to_end_in_its_own_directories(tmp_path):
 
     from echoink.data.synth import write_synthetic_dataset
     from echoink.demo import DEMO_FAMILIES, run_demo
-    from echoink.model.families import read_model_type
+    from echoink.model.loading import read_checkpoint
 
     out = tmp_path / "demo"  # tiny splits written first: the demo reuses them
     write_synthetic_dataset(out / "data", 8, 4, seed=0, families=list(DEMO_FAMILIES), shuffle_options=False)
@@ -26,10 +26,10 @@ def test_the_qwen3_omni_demo_runs_end_to_end_in_its_own_directories(tmp_path):
     text = console.export_text()
     assert "tiny random Qwen3-Omni thinker" in text and "2 supervised steps" in text
     for name in ("tiny_init-qwen3-omni", "model_warm-qwen3-omni"):  # the family's own models, Qwen3-Omni ones
-        family, full, _ = read_model_type(out / name)
+        family, _, full = read_checkpoint(out / name)
         assert family.name == "qwen3-omni" and not full
     assert not (out / "model_warm").exists() and not (out / "run").exists()  # the default family's are untouched
-    family, _, _ = read_model_type(summary["final_model"])
+    family, _, _ = read_checkpoint(summary["final_model"])
     assert family.name == "qwen3-omni"
     rows = [json.loads(line) for line in (out / "run-qwen3-omni" / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]

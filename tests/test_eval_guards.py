@@ -14,7 +14,8 @@ from echoink.config import ConfigError, TrainConfig
 from echoink.data import load_dataset
 from echoink.data.synth import write_synthetic_dataset
 from echoink.eval.metrics import accuracy_summary, load_predictions
-from echoink.eval.run import RunSignatureError, evaluate, first_records, training_evaluator, weights_fingerprint
+from echoink.eval.run import evaluate, first_records, training_evaluator
+from echoink.eval.run_files import RunSignatureError, weights_fingerprint
 from echoink.model import load_thinker
 from echoink.model.tiny import write_tiny_checkpoint
 

@@ -25,8 +25,9 @@ from echoink.cli import app
 from echoink.data import load_dataset
 from echoink.data.media import load_audio, load_image
 from echoink.data.synth import write_synthetic_dataset
-from echoink.eval.run import RunSignatureError, evaluate, evaluate_loaded, run_file_path
-from echoink.model.generation import media_token_ids
+from echoink.eval.run import evaluate, evaluate_loaded
+from echoink.eval.run_files import RunSignatureError, run_file_path
+from echoink.model.families import family_of_model
 from echoink.model import load_thinker
 from echoink.model.batching import collate_prompts, split_by_audio_in_video
 from echoink.model.inputs import MID_GREY, encode_prompt
@@ -253,7 +254,7 @@ def test_cli_eval_runs_and_fails_cleanly(env, tmp_path):
 
 def test_ablations_change_the_tensors_as_stated(env):
     processor, records = env["processor"], env["records"]
-    placeholders = set(media_token_ids(processor.tokenizer))
+    placeholders = set(family_of_model(env["model"]).media_token_ids(processor.tokenizer))
     record = next(r for r in records if r.data_type == "image_audio")
     base = encode_prompt(record, processor)
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import echoink.eval.run as eval_run
-from echoink.eval.run import run_file_path
+from echoink.eval.run_files import run_file_path
 from echoink.cli import app
 from echoink.config import TrainConfig
 from echoink.model.prompt_settings import (PROMPT_SETTINGS_FILE, PromptSettings, PromptSettingsError,
@@ -27,7 +27,7 @@ TEMPLATE = {"question_template": "Question: {problem}\nChoose one of:\n{options}
 def trained_run(tiny_model_dir, mixed_dataset, tmp_path_factory):
     """A one-step run with a non-default template and media caps, evaluated in training on 4 items; the
     in-training evaluation's rows are captured as it writes them."""
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
     out = tmp_path_factory.mktemp("prompt_run") / "run"

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from echoink.cli import app
 from echoink.data import load_dataset
 from echoink.export import ExportError, export_model, write_model_card
-from echoink.export.export import thinker_key
+from echoink.model.families.qwen2_5_omni import FAMILY as QWEN2_5_OMNI
 from echoink.model.tiny import write_tiny_checkpoint
 
 
@@ -52,7 +52,7 @@ def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_
                                                                         tmp_path):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    from echoink.model.generation import SamplingSettings, media_token_ids
+    from echoink.model.generation import SamplingSettings
     from echoink.model.inputs import encode_prompt
     from echoink.model.processor import load_processor
 
@@ -90,8 +90,9 @@ def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_
     assert full.has_talker and set(full.speaker_map) == {"Chelsie", "Ethan"}
     processor = load_processor(exported)
     tokenizer = processor.tokenizer
-    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
-    generation = SamplingSettings(greedy=True, max_new_tokens=8).generation_config(eos, pad, media_token_ids(tokenizer))
+    eos, pad = QWEN2_5_OMNI.eos_id(tokenizer), tokenizer.pad_token_id
+    suppress = QWEN2_5_OMNI.media_token_ids(tokenizer)
+    generation = SamplingSettings(greedy=True, max_new_tokens=8).generation_config(eos, pad, suppress)
     for record, reply in zip(load_dataset(data)[:3], replies):
         prompt = encode_prompt(record, processor)
         with torch.no_grad():
@@ -128,7 +129,7 @@ def test_export_refuses_a_base_that_does_not_fit(tiny_full_dir, tiny_model_dir, 
     with pytest.raises(ExportError, match=r"special-token id: <\|IMAGE\|> is"):
         export_model(tiny_model_dir, out, base_dir=shifted)
 
-    from echoink.model.families import write_tiny_checkpoint as write_family_checkpoint
+    from echoink.model.tiny_families import write_tiny_checkpoint as write_family_checkpoint
 
     qwen3 = write_family_checkpoint(tmp_path / "qwen3_full", family="qwen3-omni", layout="full")
     with pytest.raises(ExportError, match="does not fit base .*: architecture: the trained model is Qwen2.5-Omni, "
@@ -155,9 +156,9 @@ def test_export_thinker_layout_and_key_names(tiny_model_dir, tiny_full_dir, tmp_
     assert result.layout == "thinker" and (out / "README.md").is_file()
     assert "| `pred.jsonl` | 4 | 75.0 | [30.1, 95.4] | ours |" in (out / "README.md").read_text()
     assert (out / "model.safetensors").read_bytes() == (tiny_model_dir / "model.safetensors").read_bytes()
-    assert thinker_key("model.language_model.layers.0.mlp.up_proj.weight") == "thinker.model.layers.0.mlp.up_proj.weight"
-    assert thinker_key("model.audio_tower.conv1.weight") == "thinker.audio_tower.conv1.weight"
-    assert thinker_key("visual.blocks.0.norm1.weight") == "thinker.visual.blocks.0.norm1.weight"
+    assert QWEN2_5_OMNI.published_thinker_name("model.language_model.layers.0.mlp.up_proj.weight") == "thinker.model.layers.0.mlp.up_proj.weight"
+    assert QWEN2_5_OMNI.published_thinker_name("model.audio_tower.conv1.weight") == "thinker.audio_tower.conv1.weight"
+    assert QWEN2_5_OMNI.published_thinker_name("visual.blocks.0.norm1.weight") == "thinker.visual.blocks.0.norm1.weight"
 
 
 def test_model_card_from_a_run_with_a_cut_metrics_line(tmp_path):
@@ -190,7 +191,7 @@ def test_model_card_metadata_for_the_hub(tmp_path):
     each predictions file's accuracy; the prompt template and media caps are stated (issue 22, item 9)."""
     from huggingface_hub import ModelCard
 
-    from echoink.eval.run import run_file_path
+    from echoink.eval.run_files import run_file_path
 
     model = tmp_path / "model"
     model.mkdir()
@@ -237,7 +238,7 @@ def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tm
                 parameter.normal_(0, 0.5)                                        # adapters that change the model
     adapter = tmp_path / "run" / "adapter"
     peft_model.save_pretrained(str(adapter))
-    merged = {thinker_key(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
+    merged = {QWEN2_5_OMNI.published_thinker_name(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
 
     out = tmp_path / "exported"
     result = export_model(adapter, out, base_dir=tiny_full_dir)

@@ -13,8 +13,9 @@ import torch
 
 from echoink.config import TrainConfig
 from echoink.data import load_dataset
-from echoink.grpo.logprobs import _repeat_media, group_token_logps
-from echoink.grpo.rollout import sample_group
+from echoink.grpo.logprobs import group_token_logps
+from echoink.model.engine import SharedPrefillEngine, TransformersGenerateEngine
+from echoink.model.families.qwen_thinker import _repeat_media
 from echoink.model import ModelLoadError, load_thinker, save_thinker
 from echoink.model.families import (
     FAMILIES,
@@ -193,7 +194,7 @@ def test_rollout_and_plain_log_probs_match_the_thinker(family_dirs, mixed_datase
     for data_type in ("image_audio", "video_audio"):
         prompt = encode_prompt(_records(mixed_dataset)[data_type], processor)
         torch.manual_seed(3)
-        group = sample_group(model, prompt, SamplingSettings(4, 8), processor.tokenizer, share_prefill=False)
+        group = TransformersGenerateEngine(model, processor.tokenizer).generate([prompt], SamplingSettings(4, 8))[0]
         assert group.completion_ids.shape[0] == 4 and len(group.texts) == 4
         with torch.no_grad():
             logps = group_token_logps(model, [group], "none")[0]                                    # [G, C]
@@ -230,9 +231,9 @@ def test_group_sharing_paths_equal_the_plain_path(family_dirs, mixed_dataset, ch
         prompt = encode_prompt(_records(mixed_dataset)[data_type], processor)
         model.eval()
         torch.manual_seed(7)
-        plain = sample_group(model, prompt, SamplingSettings(3, 8), processor.tokenizer, share_prefill=False)
+        plain = TransformersGenerateEngine(model, processor.tokenizer).generate([prompt], SamplingSettings(3, 8))[0]
         torch.manual_seed(7)
-        shared = sample_group(model, prompt, SamplingSettings(3, 8), processor.tokenizer, share_prefill=True)
+        shared = SharedPrefillEngine(model, processor.tokenizer).generate([prompt], SamplingSettings(3, 8))[0]
         assert torch.equal(plain.completion_ids, shared.completion_ids), data_type
         model.train()
         reference, reference_grads = _logps_and_grads(model, plain, "none", "auto")
@@ -270,7 +271,7 @@ def test_thinking_template_prefix_is_part_of_the_completion(tmp_path, mixed_data
     assert prompt.generation_prefix == "<think>\n"
     assert generation_prefix("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n") == ""
     torch.manual_seed(0)
-    group = sample_group(model, prompt, SamplingSettings(2, 4), processor.tokenizer, share_prefill=False)
+    group = TransformersGenerateEngine(model, processor.tokenizer).generate([prompt], SamplingSettings(2, 4))[0]
     assert all(text.startswith("<think>\n") for text in group.texts)
     # what the Thinking model writes (reasoning, then the closing tag and the answer) is well formed with the prefix
     assert format_reward([prompt.generation_prefix + "hmm</think><answer>A</answer>"]) == [1.0]
@@ -336,7 +337,7 @@ def test_router_aux_loss_is_off_by_default_and_adds_its_gradient_when_on(family_
         return
     prompt = encode_prompt(_records(mixed_dataset)["image_audio"], processor)
     torch.manual_seed(0)
-    group = sample_group(model, prompt, SamplingSettings(2, 6), processor.tokenizer, share_prefill=False)
+    group = TransformersGenerateEngine(model, processor.tokenizer).generate([prompt], SamplingSettings(2, 6))[0]
     model.train()
 
     def router_grads(coef: float):

@@ -149,7 +149,7 @@ def test_3_resume_falls_back_past_a_corrupt_newest_checkpoint(accelerator, tmp_p
     (lambda c: (c / STATE_FILE).write_text('[2]'), f"{STATE_FILE}: expected a JSON object, got list"),
     (lambda c: (c / STATE_FILE).write_text('{"step": 2, "data_position": 1.5}'),
      f'{STATE_FILE}: "data_position" must be a non-negative integer, got 1.5'),
-    (lambda c: (c / STATE_FILE).write_bytes(b'{"step": \xff}'), f"{STATE_FILE}: not valid JSON"),
+    (lambda c: (c / STATE_FILE).write_bytes(b'{"step": \xff}'), f"{STATE_FILE}: not UTF-8 text"),
     (lambda c: (c / "model.safetensors").write_bytes(b"\x10\x00"), "model.safetensors: unreadable safetensors file"),
 ])
 def test_3_each_damaged_file_is_named(accelerator, tmp_path, damage, named):

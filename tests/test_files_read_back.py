@@ -23,7 +23,7 @@ from echoink.analysis.curves import load_metrics
 from echoink.analysis.report import write_report
 from echoink.cli import app
 from echoink.eval.metrics import load_predictions
-from echoink.eval.run import _open_run
+from echoink.eval.run_files import open_run
 from echoink.io import (append_jsonl, read_jsonl, read_jsonl_tolerant, split_jsonl_lines, to_strict_json,
                         truncate_jsonl_after, write_json_atomic)
 
@@ -158,13 +158,13 @@ def test_predictions_read_back(tmp_path_factory, texts, preds):
     root = tmp_path_factory.mktemp("pred")
     path = root / "predictions.jsonl"
     signature = {"model": "m", "data": None, "protocol": "ours"}
-    assert _open_run(path, signature) == []  # a new run: the signature is written, no rows yet
+    assert open_run(path, signature) == []  # a new run: the signature is written, no rows yet
     rows = [{"problem_id": f"q{i}", "sample_idx": 0, "gt": "A", "pred": preds[i], "correct": preds[i] == "A",
              "reply": text, "data_type": text[:5]} for i, text in enumerate(texts)]
     append_jsonl(path, rows[: len(rows) // 2])
     append_jsonl(path, rows[len(rows) // 2:])
 
-    assert _open_run(path, signature) == rows  # eval resumes with every row, none "damaged"
+    assert open_run(path, signature) == rows  # eval resumes with every row, none "damaged"
     assert load_predictions(path) == rows
     result = CliRunner().invoke(app, ["metrics", str(path), "--json"])
     assert result.exit_code == 0, result.output

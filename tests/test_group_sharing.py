@@ -17,12 +17,12 @@ import torch
 
 from echoink.data import load_dataset
 from echoink.data.synth import write_synthetic_dataset
-from echoink.grpo.logprobs import full_sharing_path, group_token_logps
-from echoink.grpo.rollout import sample_group
+from echoink.grpo.logprobs import group_token_logps
+from echoink.model.engine import Group, rollout_engine
+from echoink.model.families import family_of_model
+from echoink.model.group_forward import full_sharing_path
 from echoink.model.generation import SamplingSettings, completion_mask
-from echoink.grpo.types import Group
 from echoink.model.inputs import encode_prompt
-from echoink.model.prompt_embedding import embed_prompt
 from echoink.model.tiny import TINY, build_tiny_thinker
 
 LOGP_TOL = 1e-5
@@ -141,12 +141,12 @@ def test_paths_agree_on_logps_and_gradients(tiny, groups, gradient_checkpointing
 @pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 def test_prompt_kv_path_in_completion_chunks(tiny, groups, gradient_checkpointing, monkeypatch):
     """Completions split over several language-model calls (2 per call here) change nothing."""
-    import echoink.grpo.logprobs as logprobs
+    import echoink.model.group_forward as group_forward
 
     model, _ = tiny
     with training_mode(model, gradient_checkpointing):
         reference_logps, reference_grads = logps_and_grads(model, groups, "none")
-        monkeypatch.setattr(logprobs, "COMPLETION_TOKENS_PER_CHUNK", 16)  # 2 completions per call
+        monkeypatch.setattr(group_forward, "COMPLETION_TOKENS_PER_CHUNK", 16)  # 2 completions per call
         logps, grads = logps_and_grads(model, groups, "full", "kv")
     assert_logps_close(logps, reference_logps, groups)
     assert_grads_close(grads, reference_grads)
@@ -154,12 +154,12 @@ def test_prompt_kv_path_in_completion_chunks(tiny, groups, gradient_checkpointin
 
 def test_prompt_kv_path_with_the_matmul_attention_kernel(tiny, groups, monkeypatch):
     """The shared-prompt attention's kernel for devices without CPU flash attention, run here on CPU."""
-    import echoink.grpo.prompt_attention as prompt_attention
+    import echoink.model.attention as attention
 
     model, _ = tiny
     with training_mode(model, gradient_checkpointing=False):
         reference_logps, reference_grads = logps_and_grads(model, groups, "none")
-        monkeypatch.setattr(prompt_attention, "default_kernel", lambda device: "matmul")
+        monkeypatch.setattr(attention, "default_kernel", lambda device: "matmul")
         logps, grads = logps_and_grads(model, groups, "full", "kv")
     assert_logps_close(logps, reference_logps, groups)
     assert_grads_close(grads, reference_grads)
@@ -234,11 +234,11 @@ def test_frozen_encoders_run_without_grad(tiny, groups):
     hooks = [module.register_forward_hook(record(name))
              for name, module in (("audio", frozen.model.audio_tower), ("vision", frozen.model.visual))]
     frozen.train()
-    embeds = embed_prompt(frozen, groups[0].prompt)
+    embeds = family_of_model(frozen).embed_prompt(frozen, groups[0].prompt).embeds
     assert grad_enabled == {"audio": False, "vision": False}
     assert embeds.requires_grad  # the token embeddings are still trainable
     frozen.model.visual.requires_grad_(True)
-    embed_prompt(frozen, groups[0].prompt)
+    family_of_model(frozen).embed_prompt(frozen, groups[0].prompt)
     assert grad_enabled == {"audio": False, "vision": True}
     frozen.model.visual.requires_grad_(False)
     for hook in hooks:
@@ -271,9 +271,9 @@ SAMPLINGS = {
 
 def sample_both_ways(model, prompt, sampling, tokenizer, seed: int = 123):
     out = []
-    for share_prefill in (False, True):
+    for sharing in ("none", "full"):  # transformers' generate, then the shared-prefill engine
         torch.manual_seed(seed)
-        out.append(sample_group(model, prompt, sampling, tokenizer, share_prefill=share_prefill))
+        out.append(rollout_engine(model, tokenizer, sharing).generate([prompt], sampling)[0])
     return out
 
 

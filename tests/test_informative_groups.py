@@ -210,7 +210,7 @@ def _skipping_worker(rank: int, port: int, model_dir: str, data_file: str, queue
             optimizer = _GradientRecorder([p for p in policy.parameters() if p.requires_grad])
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
             policy, wrapped_optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-            context = StepContext(config, accelerator, policy, thinker, None, None, wrapped_optimizer, scheduler,
+            context = StepContext(config, accelerator, policy, thinker, None, None, None, wrapped_optimizer, scheduler,
                                   None, None, GRPOLoss.from_config(config), None, None, None, torch.float32)
             update(context, CollectedBatch(micro_batches=micro_batches, counts=counts, stats={}))
             gradient = torch.cat([g.flatten() for g in optimizer.seen[0]])

@@ -11,7 +11,7 @@ import torch
 from echoink.config import TrainConfig, load_config
 from echoink.data import load_dataset
 from echoink.grpo.logprobs import group_token_logps
-from echoink.grpo.rollout import sample_group
+from echoink.model.engine import SharedPrefillEngine
 from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
@@ -27,7 +27,8 @@ def group(tiny_model_dir, mixed_dataset):
     record = next(r for r in load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")
                   if r.data_type == "image_audio")
     torch.manual_seed(0)
-    return sample_group(model, encode_prompt(record, processor), SamplingSettings(4, 10), processor.tokenizer)
+    engine = SharedPrefillEngine(model, processor.tokenizer)
+    return engine.generate([encode_prompt(record, processor)], SamplingSettings(4, 10))[0]
 
 
 def _logps(model, group) -> torch.Tensor:

@@ -208,7 +208,7 @@ def _update_gradient(thinker, scored_layout, config, counts):
     policy = Policy(thinker)
     optimizer = _GradientRecorder([p for p in policy.parameters() if p.requires_grad])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    context = StepContext(config, Accelerator(cpu=True), policy, thinker, None, None, optimizer, scheduler, None,
+    context = StepContext(config, Accelerator(cpu=True), policy, thinker, None, None, None, optimizer, scheduler, None,
                           None, GRPOLoss.from_config(config), None, None, None, torch.float32)
     batch = CollectedBatch(micro_batches=tuple(tuple(b) for b in scored_layout), counts=counts, stats={})
     update(context, batch)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from echoink.config import load_config
 from echoink.data import load_dataset
-from echoink.grpo.rollout import sample_group
+from echoink.model.engine import rollout_engine
 from echoink.model.generation import SamplingSettings
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
@@ -41,8 +41,8 @@ def test_gradient_checkpointing_is_off_in_rollouts_and_on_in_the_policy_forward(
     prompt = encode_prompt(record, processor)
 
     thinker.eval()  # rollouts run in eval mode: checkpointing inactive, KV cache used
-    groups = [sample_group(thinker, prompt, SamplingSettings(3, 6), processor.tokenizer, share_prefill=share)
-              for share in (True, False)]
+    groups = [rollout_engine(thinker, processor.tokenizer, sharing).generate([prompt], SamplingSettings(3, 6))[0]
+              for sharing in ("full", "none")]
     assert calls["n"] == 0
 
     thinker.train()  # the policy's log-prob forward in training: every decoder layer is checkpointed

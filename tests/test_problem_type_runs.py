@@ -21,7 +21,8 @@ from echoink.data.synth import TASK_FAMILIES, write_synthetic_dataset
 from echoink.eval.metrics import accuracy_summary, bootstrap_mean_interval, type_measure
 from echoink.grpo.scoring import LengthReward, RewardSet, score_group
 from echoink.grpo.step_metrics import step_metrics
-from echoink.grpo.types import Group, ScoredGroup
+from echoink.grpo.types import ScoredGroup
+from echoink.model.engine import Group
 from echoink.rewards import RewardError, compute_rewards, reward_columns
 
 

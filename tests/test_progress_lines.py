@@ -103,3 +103,21 @@ def test_eval_writes_a_line_every_n_answers_when_stderr_is_not_a_terminal(tiny_m
     assert [line.split(" |")[0] for line in lines] == ["eval 2/5 answers", "eval 4/5 answers", "eval 5/5 answers"]
     assert all(" | accuracy " in line and " items/s" in line for line in lines)
     assert " | ETA 0:00:00" in lines[-1]
+
+
+def test_transformers_bars_stay_off_for_the_whole_run(tiny_model_dir, tmp_path):
+    """Its "Writing model shards" bar would garble ours: off from the run's start to its end, model loading
+    included (loading used to switch them back on)."""
+    from transformers.utils import logging as hf_logging
+
+    from echoink.model import load_thinker
+
+    assert hf_logging.is_progress_bar_enabled()
+    log = RunLog(tmp_path, _fake_accelerator(), total_steps=2, enabled=False, log_completions=False)
+    try:
+        assert not hf_logging.is_progress_bar_enabled()
+        load_thinker(tiny_model_dir)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        log.close()
+    assert hf_logging.is_progress_bar_enabled()

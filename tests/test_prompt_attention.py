@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from echoink.grpo.prompt_attention import SharedPromptAttention
+from echoink.model.attention import SharedPromptAttention
 
 B, HEADS, KV_HEADS, T, P, D = 3, 4, 2, 5, 7, 8
 SCALE = 0.3

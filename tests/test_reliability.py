@@ -413,9 +413,9 @@ def test_a_user_parse_solution_that_raises_names_the_record(user_modules, tmp_pa
 
 @pytest.mark.parametrize("score, shown", [
     ("return Score(5.0, True)", "Score(value=5.0, parsed=True)"),
-    ("return Score(float('nan'), True)", "Score(value=nan, parsed=True)"),
-    ("return Score('high', True)", "Score(value='high', parsed=True)"),
-    ("return 0.5", "0.5"),
+    pytest.param("return Score(float('nan'), True)", "Score(value=nan, parsed=True)", marks=pytest.mark.slow),
+    pytest.param("return Score('high', True)", "Score(value='high', parsed=True)", marks=pytest.mark.slow),
+    pytest.param("return 0.5", "0.5", marks=pytest.mark.slow),
     ("raise LookupError('no table')", None),
 ])
 def test_user_scores_are_numbers_in_0_1_in_training_and_evaluation(user_modules, tmp_path, mixed_dataset,
@@ -457,7 +457,7 @@ def test_weights_that_an_update_ruins_stop_the_run_before_the_next_rollout(tiny_
 def test_non_finite_logits_are_caught_before_sampling(tiny_model_dir, mixed_dataset):
     from echoink.data import load_dataset
     from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError, weights_finite
-    from echoink.grpo.rollout import sample_group
+    from echoink.model.engine import rollout_engine
     from echoink.model import load_thinker
     from echoink.model.generation import SamplingSettings
     from echoink.model.inputs import encode_prompt
@@ -470,11 +470,10 @@ def test_non_finite_logits_are_caught_before_sampling(tiny_model_dir, mixed_data
     with torch.no_grad():
         thinker.get_output_embeddings().weight[0, 0] = float("nan")
     assert not weights_finite(list(thinker.parameters()))
-    for share_prefill in (False, True):
+    for sharing in ("none", "full"):
         with pytest.raises(NonFiniteModelError, match="logits before sampling are not finite"):
             with LogitsGuard(thinker):
-                sample_group(thinker, prompt, SamplingSettings(2, 4, 1.0, 1.0, None), processor.tokenizer,
-                             share_prefill=share_prefill)
+                rollout_engine(thinker, processor.tokenizer, sharing).generate([prompt], SamplingSettings(2, 4))
     with torch.no_grad():  # finite but huge weights overflow the norm: unusable too
         thinker.get_output_embeddings().weight[0, 0] = 3e38
     assert not weights_finite(list(thinker.parameters()))
@@ -487,9 +486,35 @@ def test_eval_samples_have_a_ceiling_checked_before_the_model_loads(mixed_datase
     common = ["eval", "--model", str(tmp_path / "no-model"), "--data", data, "--out", str(tmp_path / "p.jsonl")]
     huge = CliRunner().invoke(app, [*common, "--samples", "100000000"])
     _one_line_error(huge, "--samples 100000000 is more than 1024 answers per problem")
-    wide = CliRunner().invoke(app, [*common, "--samples", "1024", "--batch-size", "8"])
-    _one_line_error(wide, "--batch-size 8 x --samples 1024 = 8192 replies generated at once, more than 4096; "
-                          "lower --batch-size to at most 4")
+    wide = CliRunner().invoke(app, [*common, "--samples", "1024", "--batch-size", "32"])
+    _one_line_error(wide, "--batch-size 32 x 256 samples = 8192 replies generated at once, more than 4096; "
+                          "lower --batch-size to at most 16")
+
+
+def test_many_samples_of_one_problem_are_generated_in_pieces(tiny_model_dir, mixed_dataset, tmp_path, monkeypatch):
+    import echoink.eval.generation as generation_module
+    from echoink.eval.run import evaluate
+    from echoink.model.engine import TransformersGenerateEngine
+
+    calls = []
+    real_generate = TransformersGenerateEngine.generate
+
+    def counting(self, prompts, sampling, generators=None):
+        calls.append(len(prompts) * sampling.num_generations)
+        return real_generate(self, prompts, sampling, generators)
+
+    monkeypatch.setattr(TransformersGenerateEngine, "generate", counting)
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    whole = evaluate(tiny_model_dir, data, tmp_path / "whole.jsonl", greedy=False, samples=3, limit=1,
+                     max_new_tokens=2, batch_size=1, progress=False)
+    assert calls == [3] and whole["n"] == 3
+    calls.clear()
+    monkeypatch.setattr(generation_module, "SAMPLES_PER_CALL", 2)
+    pieces = evaluate(tiny_model_dir, data, tmp_path / "pieces.jsonl", greedy=False, samples=5, limit=1,
+                      max_new_tokens=2, batch_size=1, progress=False)
+    assert calls == [2, 2, 1] and pieces["n"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "pieces.jsonl").read_text().splitlines()]
+    assert sorted(row["sample_idx"] for row in rows) == [0, 1, 2, 3, 4]
 
 
 # ---- item 10: the smaller ones --------------------------------------------------------------------------------
@@ -540,3 +565,56 @@ def test_num_completions_to_print_negative_says_so_once():
     with pytest.raises(ConfigError) as caught:
         load_config(None, ["num_completions_to_print=-1"])
     assert str(caught.value).count("num_completions_to_print must be >= 0") == 1
+
+
+def test_dry_run_makes_the_family_checks_of_the_real_run(tiny_model_dir, qwen3_model_dir, mixed_dataset, tmp_path):
+    runner = CliRunner()
+    data = f"train_data={mixed_dataset}/train/omni_rl_format_train.json"
+    dense = runner.invoke(app, ["train", "--dry-run", f"model_path={tiny_model_dir}", data,
+                                "router_aux_loss_coef=0.01", "group_sharing=none"])
+    _one_line_error(dense, "router_aux_loss_coef=0.01: Qwen2.5-Omni has no mixture-of-experts router")
+    experts = ["train", "--dry-run", f"model_path={qwen3_model_dir}", data, "use_peft=true",
+               "lora_target_modules=[language_model,experts]", "group_sharing=none"]
+    _one_line_error(runner.invoke(app, [*experts, "lora_dropout=0.05"]),
+                    "lora_target_modules with 'experts': PEFT's LoRA on the fused expert parameters has no dropout; "
+                    "set lora_dropout: 0 (got 0.05)")
+    assert runner.invoke(app, [*experts, "lora_dropout=0"]).exit_code == 0
+    missing = runner.invoke(app, ["train", "--dry-run", f"model_path={tmp_path / 'not-downloaded'}", data])
+    assert missing.exit_code == 0 and "its family checks are skipped" in missing.output
+
+
+def test_peft_refusals_are_one_line(tiny_model_dir):
+    from echoink.config import TrainConfig
+    from echoink.model import load_thinker
+    from echoink.model.families import UnsupportedModelError
+    from echoink.model.trainable import wrap_lora
+
+    thinker, _ = load_thinker(tiny_model_dir)
+    with pytest.raises(UnsupportedModelError) as caught:
+        wrap_lora(thinker, TrainConfig(use_peft=True, lora_r=2, lora_target_modules=["no_such_projection"]))
+    message = str(caught.value)
+    assert "\n" not in message and "PEFT refused it" in message and len(message) < 500
+
+
+def test_eval_checks_its_arguments_before_loading_the_model(mixed_dataset, tmp_path):
+    from echoink.eval.run import evaluate
+
+    data = f"{mixed_dataset}/valid/omni_rl_format_valid.json"
+    for settings, message in (({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+                              ({"max_prompt_length": 0}, "max_prompt_length must be >= 1"),
+                              ({"limit": -1}, "limit")):
+        with pytest.raises(ValueError, match=message) as caught:
+            evaluate(tmp_path / "no-model", data, tmp_path / "p.jsonl", **settings)
+        assert "model directory does not exist" not in str(caught.value)
+
+
+@pytest.mark.parametrize("value", [5.0, -0.1, float("nan"), float("inf"), "high", None, True, 0.5])
+def test_checked_score_refuses_anything_but_a_score_in_0_1(value):
+    from echoink.problem_types import PROBLEM_TYPES, Score, checked_score
+
+    kind = PROBLEM_TYPES["multiple choice"]
+    score = 0.5 if value == 0.5 and not isinstance(value, bool) else Score(value, True)
+    with pytest.raises(ValueError, match=r"score\(\) returned .*; it must return Score\(value, parsed\) with value "
+                                         r"a number in \[0, 1\]"):
+        checked_score(kind, score)
+    assert checked_score(kind, Score(1, True)) == Score(1.0, True)

@@ -23,7 +23,7 @@ from echoink.cli import app
 from echoink.data import load_dataset
 from echoink.data.synth import write_synthetic_dataset
 from echoink.eval.metrics import accuracy_summary, load_predictions
-from echoink.eval.run import run_file_path
+from echoink.eval.run_files import run_file_path
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -15,14 +15,12 @@ from echoink.rewards import (
     RewardError,
     accuracy_reward,
     answer_letter,
-    check_reward_weights,
     compute_rewards,
     extract_answer,
     format_reward,
     resolve_reward,
     resolve_rewards,
     reward_columns,
-    weighted_total,
 )
 
 GOOD = "<think>The siren rises and falls. Hmm, a police car.</think>\n<answer>C</answer>"
@@ -243,13 +241,6 @@ def test_compute_rewards_table_with_columns(user_module):
     table = compute_rewards(funcs, completions, columns)
     assert table.shape == (3, 3) and table.dtype == np.float64
     np.testing.assert_array_equal(table, [[1, 1, 1], [0, 0, 0], [0, 0, 1]])
-    weights = check_reward_weights([1.0, 0.5, 2.0], 3)
-    np.testing.assert_allclose(weighted_total(table, weights), [3.5, 0.0, 2.0])
-    np.testing.assert_array_equal(check_reward_weights(None, 2), [1.0, 1.0])
-    with pytest.raises(ValueError, match="2 values for 3"):
-        check_reward_weights([1.0, 1.0], 3)
-    with pytest.raises(ValueError, match="finite"):
-        check_reward_weights([1.0, math.nan], 2)
 
 
 def _raises_on_second(completions, **columns):

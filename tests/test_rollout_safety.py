@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from echoink.data import load_dataset
-from echoink.grpo.rollout import sample_group
-from echoink.model.generation import SamplingSettings, completion_mask, media_token_ids
+from echoink.model.engine import rollout_engine
+from echoink.model.families import family_of_model
+from echoink.model.generation import SamplingSettings, completion_mask
 from echoink.model import load_thinker
 from echoink.model.inputs import encode_prompt
 
@@ -26,17 +27,17 @@ class _MediaLovingHead(torch.nn.Module):
         return self.bias.to(hidden.dtype).expand(*hidden.shape[:-1], -1)
 
 
-@pytest.mark.parametrize("share_prefill", [False, True])
-def test_media_tokens_are_never_sampled(tiny_model_dir, mixed_dataset, share_prefill):
+@pytest.mark.parametrize("sharing", ["none", "full"])
+def test_media_tokens_are_never_sampled(tiny_model_dir, mixed_dataset, sharing):
     model, processor = load_thinker(tiny_model_dir)
-    media = media_token_ids(processor.tokenizer)
+    media = family_of_model(model).media_token_ids(processor.tokenizer)
     names = processor.tokenizer.convert_ids_to_tokens(media)
     assert {"<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>"} <= set(names)
     model.lm_head = _MediaLovingHead(model.config.text_config.vocab_size, media)
     record = load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")[0]
     torch.manual_seed(0)
-    group = sample_group(model, encode_prompt(record, processor), SamplingSettings(num_generations=4, max_new_tokens=6),
-                         processor.tokenizer, share_prefill=share_prefill)
+    engine = rollout_engine(model, processor.tokenizer, sharing)
+    group = engine.generate([encode_prompt(record, processor)], SamplingSettings(num_generations=4, max_new_tokens=6))[0]
     assert not torch.isin(group.completion_ids, torch.tensor(media)).any()
 
 

@@ -92,7 +92,7 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_the_model_loads(mixe
 
 
 def test_trackers_get_names_dirs_and_tags(tiny_model_dir, mixed_dataset, tmp_path, monkeypatch):
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
 
     monkeypatch.setattr("echoink.grpo.trackers.installed_trackers", lambda: ["tensorboard", "wandb"])

@@ -28,7 +28,7 @@ def _overrides(model_dir, data_dir, out_dir, *extra):
 
 def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_path):
     from echoink.data import load_dataset
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.trainer import train
     from echoink.model import load_thinker
 
@@ -67,7 +67,7 @@ def test_two_step_run_over_mixed_modalities(tiny_model_dir, mixed_dataset, tmp_p
 
     model, processor = load_thinker(final)
     # the in-training evaluation at step 2 saw the final weights: it equals a fresh evaluation of the saved model
-    from echoink.eval import evaluate_loaded
+    from echoink.eval.run import evaluate_loaded
 
     valid = load_dataset(mixed_dataset / "valid" / "omni_rl_format_valid.json")[:4]
     again = evaluate_loaded(model, processor, valid, batch_size=8, max_new_tokens=8)

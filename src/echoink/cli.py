@@ -96,7 +96,8 @@ def model_tiny(
 ) -> None:
     """Write a tiny random-initialised checkpoint of a model family + processor files, offline."""
     from echoink.io import NoSpaceLeftError
-    from echoink.model.families import family_by_name, write_tiny_checkpoint
+    from echoink.model.families import family_by_name
+    from echoink.model.tiny_families import write_tiny_checkpoint
 
     try:
         path = write_tiny_checkpoint(out, family=family, layout=layout, seed=seed, size=size)
@@ -292,6 +293,7 @@ def train_command(
         try:  # what train() checks before the model loads, minus the data: a bad reward or template fails here
             resolve_rewards(cfg.reward_funcs)
             PromptTemplate.from_dict(cfg.prompt_template)
+            _dry_run_family_checks(cfg)
         except (TypeError, ValueError) as exc:
             _fail(str(exc))
 
@@ -306,7 +308,7 @@ def train_command(
         except ConfigError as exc:
             typer.echo(f"note: {exc} (the run itself stops on this)", err=True)
         return
-    from echoink.eval import training_evaluator
+    from echoink.eval.run import training_evaluator
     from echoink.grpo.step import NonFiniteError
     from echoink.grpo.trainer import train
     from echoink.model import ModelLoadError
@@ -351,6 +353,20 @@ def config_command(
             typer.echo(f"{key.name} ({key.type}, default {key.default}): {key.help} [{key.section}]")
         return
     typer.echo(describe_config_keys())
+
+
+def _dry_run_family_checks(cfg) -> None:
+    """train's checks of the model directory and of the settings its family cannot honour (its config.json
+    is read, not its weights); a model not downloaded yet is said and skipped."""
+    from echoink.model.loading import read_checkpoint
+    from echoink.model.trainable import check_family_settings
+
+    if not cfg.model_path or not Path(cfg.model_path).exists():
+        typer.echo(f"note: model_path {cfg.model_path or '(unset)'} not found: its family checks are skipped",
+                   err=True)
+        return
+    family, _, _ = read_checkpoint(cfg.model_path)
+    check_family_settings(family, cfg)
 
 
 def _working_directory_importable() -> None:
@@ -439,7 +455,8 @@ def eval_command(
     from echoink.data.media import MediaError
     from echoink.eval.protocols import EVAL_PROTOCOLS
     from echoink.eval.metrics_table import eval_summary_lines
-    from echoink.eval.run import RunSignatureError, evaluate
+    from echoink.eval.run import evaluate
+    from echoink.eval.run_files import RunSignatureError
     from echoink.model import ModelLoadError
     from echoink.run_lock import LockedError
 
@@ -521,7 +538,8 @@ def _eval_prompt_settings(model: Path, config: Optional[Path], protocol: str, gi
     elif settings.problem_types and not given_problem_types:  # never import code named by a file in a model dir
         _fail(f"the model was trained with user problem types {', '.join(settings.problem_types)} ({source}); "
               f"pass --problem-types {','.join(settings.problem_types)} to import them (trusted code only)")
-    typer.echo(f"{settings.describe()} ({source})")
+    if model.is_dir():  # (a missing model is one error line from evaluate, not a prompt line first)
+        typer.echo(f"{settings.describe()} ({source})")
     return {"template": settings.template, "media_options": settings.media}
 
 

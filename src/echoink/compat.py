@@ -1,4 +1,4 @@
-"""Every access to a private attribute of transformers, accelerate or DeepSpeed, in one place.
+"""Every private attribute of transformers, accelerate, DeepSpeed or torch that echoink touches, in one place.
 
 echoink needs a few internals that no public API offers (listed below). Each is probed when this module is
 imported (DeepSpeed's when it is first needed, since DeepSpeed is optional), so a library upgrade that
@@ -7,7 +7,7 @@ instead of deep inside a training step.
 
     transformers  PretrainedConfig._attn_implementation      switch a model's attention function for a while
                   GradientCheckpointingLayer._can_checkpoint_with_cache   let our replay-safe caches through
-                  layer._gradient_checkpointing_func          wrap the checkpoint function of a layer
+                  layer._gradient_checkpointing_func          read and wrap the checkpoint function of a layer
                   PreTrainedModel._weight_conversions         key renaming rules recorded at load
     accelerate    AcceleratorState._reset_state, GradientState._reset_state   a fresh state per train() call
                   GradientState._set_sync_gradients           accumulate without a DeepSpeed engine step
@@ -77,6 +77,11 @@ def attention_implementation_set(config, name: str):
         yield
     finally:
         config._attn_implementation = previous
+
+
+def checkpoint_function_of(layer):
+    """The checkpoint function a gradient-checkpointed layer calls (None while checkpointing is off)."""
+    return getattr(layer, "_gradient_checkpointing_func", None)
 
 
 @contextmanager

@@ -28,6 +28,7 @@ from echoink.choices import (
     SCALE_REWARDS,
     STEP_STRATEGIES,
 )
+from echoink.io import read_object_file
 
 
 #: The most dynamic-sampling draw rounds per micro-batch `max_sampling_rounds` may ask for (each round rolls out
@@ -207,16 +208,13 @@ class TrainConfig:
               f"{MAX_SAMPLING_ROUNDS} rounds needs other rewards or data, not more rounds)")
         check(self.num_iterations >= 1, f"num_iterations must be >= 1, got {self.num_iterations}")
         check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        check(self.epsilon > 0, f"epsilon must be > 0, got {self.epsilon}")
-        check(self.epsilon_high is None or self.epsilon_high > 0, f"epsilon_high must be > 0, got {self.epsilon_high}")
+        problems.extend(clip_range_problems(self.epsilon, self.epsilon_high))
         check(self.max_completion_length >= 1, f"max_completion_length must be >= 1, got {self.max_completion_length}")
         check(self.max_prompt_length is None or self.max_prompt_length >= 1,
               f"max_prompt_length must be >= 1 or null, got {self.max_prompt_length}")
-        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0 or null, got {self.top_k}")
+        problems.extend(sampling_problems(self.temperature, self.top_p, self.top_k))
         check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
-        check(self.learning_rate <= 1 or self.allow_large_learning_rate,
+        check(not math.isfinite(self.learning_rate) or self.learning_rate <= 1 or self.allow_large_learning_rate,
               f"learning_rate={self.learning_rate} is above 1, which ruins the weights at the first update (AdamW "
               "moves each weight by about the learning rate); fine-tuning uses 1e-7 to 1e-3. If you mean it, "
               "set allow_large_learning_rate=true")
@@ -344,6 +342,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def sampling_problems(temperature: float, top_p: float, top_k: int | None) -> list[str]:
+    """The one rule for sampling settings (the config's rollouts, `SamplingSettings`, `echoink eval`): what is
+    wrong, one message per setting ([] when all is well)."""
+    problems = []
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        problems.append(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        problems.append(f"top_k must be >= 0 or null, got {top_k}")
+    return problems
+
+
+def clip_range_problems(epsilon: float, epsilon_high: float | None) -> list[str]:
+    """The one rule for the ratio's clipping range (the config and `grpo.loss` alike)."""
+    problems = []
+    if not epsilon > 0:
+        problems.append(f"epsilon must be > 0, got {epsilon}")
+    if epsilon_high is not None and not epsilon_high > 0:
+        problems.append(f"epsilon_high must be > 0, got {epsilon_high}")
+    return problems
+
+
 def describe_run(config: TrainConfig, num_items: int, num_processes: int = 1) -> str:
     """The resolved config and the step arithmetic, as `echoink train --dry-run` prints them."""
     lines = [yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip(), "", f"train items: {num_items}",
@@ -366,18 +387,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     values: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of config keys")
-        values.update(loaded)
+        values.update(read_object_file(path, ConfigError, yaml_text=True, missing="config file not found",
+                                       what="config"))
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")

@@ -32,10 +32,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import yaml
+
 __all__ = [
     "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "split_jsonl_lines",
     "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl",
-    "read_jsonl_tolerant",
+    "read_jsonl_tolerant", "read_object_file",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
 ]
@@ -384,3 +386,38 @@ def repair_cut_last_line(path: str | Path) -> bytes:
             handle.flush()
             os.fsync(handle.fileno())
     return data[:end]
+
+
+# ---- JSON / YAML object files ----------------------------------------------------------------------------
+
+def read_object_file(path: str | Path, error: type[Exception] = ValueError, *, yaml_text: bool = False,
+                     missing: str = "not found", what: str = "file", hint: str = "") -> dict[str, Any]:
+    """The one reader of "a file holding one JSON (or YAML) object": -> the dict, or `error` with one line.
+
+    The line names the file and what is wrong: `missing` (no such file), not UTF-8 (the byte; "save the
+    `what` as UTF-8"), invalid JSON / YAML (where), or not an object (what it is); `hint` is appended after
+    "; ". A UTF-8 byte-order mark is accepted.
+    """
+    path = Path(path)
+    suffix = f"; {hint}" if hint else ""
+    if not path.is_file():
+        raise error(f"{path}: {missing}{suffix}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); save the {what} as UTF-8{suffix}") from None
+    if yaml_text:
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise error(f"{path}: invalid YAML: {' '.join(str(exc).split())}{suffix}") from None
+        value = {} if value is None else value
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}){suffix}") from None
+    if not isinstance(value, dict):
+        kind = "a mapping (key: value lines)" if yaml_text else "a JSON object"
+        raise error(f"{path}: expected {kind}, got {type(value).__name__}{suffix}")
+    return value

@@ -51,7 +51,6 @@ __all__ = [
     "checked_score",
     "describe_type",
     "get_problem_type",
-    "known_problem_types",
     "parse_number",
     "parse_spans",
     "register_problem_type",
@@ -446,10 +445,6 @@ PROBLEM_TYPES: dict[str, ProblemType] = {
     kind.name: kind() for kind in (MultipleChoice, Numerical, Counting, Regression, OCR, FreeForm, TemporalRetrieval)
 }
 _BUILT_IN = frozenset(PROBLEM_TYPES)
-
-
-def known_problem_types() -> list[str]:
-    return list(PROBLEM_TYPES)
 
 
 def unknown_type_message(name: str) -> str:

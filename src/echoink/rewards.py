@@ -35,7 +35,6 @@ __all__ = [
     "RewardFunc",
     "accuracy_reward",
     "answer_letter",
-    "check_reward_weights",
     "completion_text",
     "compute_rewards",
     "echoink_r1_answer_letter",
@@ -46,7 +45,6 @@ __all__ = [
     "reward_columns",
     "reward_names",
     "score_answer",
-    "weighted_total",
 ]
 
 RewardFunc = Callable[..., Sequence[float]]
@@ -307,23 +305,6 @@ def resolve_rewards(specs: Sequence[str | RewardFunc]) -> list[tuple[str, Reward
     if duplicates:
         raise ValueError(f"reward functions listed twice: {duplicates}")
     return pairs
-
-
-def check_reward_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
-    """Reward weights as an array (all ones when None); one finite weight per reward function."""
-    if weights is None:
-        return np.ones(count, dtype=np.float64)
-    if len(weights) != count:
-        raise ValueError(f"reward_weights has {len(weights)} values for {count} reward functions")
-    array = np.asarray(weights, dtype=np.float64)
-    if not np.isfinite(array).all():
-        raise ValueError(f"reward_weights must be finite, got {list(weights)}")
-    return array
-
-
-def weighted_total(rewards: np.ndarray, weights: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Per-sample total reward: ``rewards [N, R] @ weights [R]``."""
-    return np.asarray(rewards, dtype=np.float64) @ np.asarray(weights, dtype=np.float64)
 
 
 def reward_columns(records: Sequence[Any]) -> dict[str, list]:

@@ -51,7 +51,7 @@ from echoink.analysis.curves import run_beta, training_figure
 from echoink.data import DatasetError, load_dataset
 from echoink.data.media import MediaError, load_record_media
 from echoink.eval.metrics import accuracy_summary, load_predictions, paired_comparison
-from echoink.eval.run import run_file_path
+from echoink.eval.run_files import run_file_path
 from echoink.io import read_jsonl_tolerant, write_text_atomic
 
 __all__ = ["ReportResult", "write_report"]

@@ -30,6 +30,7 @@ import soundfile as sf
 from PIL import Image
 
 from echoink.io import write_bytes_atomic, write_json_atomic
+from echoink.problem_types import MULTIPLE_CHOICE
 
 __all__ = [
     "ANSWER_COLUMN",
@@ -185,7 +186,7 @@ def _convert_row(row: dict, index: int, out_dir: Path, skipped: Counter) -> dict
         "problem_id": index,
         "problem": question,
         "data_type": "image_audio",
-        "problem_type": "multiple choice",
+        "problem_type": MULTIPLE_CHOICE,
         "options": [f"{LETTERS[k]}. {option}" for k, option in enumerate(options)],
         "solution": f"<answer>{letter}</answer>",
         "path": {"image": image_path, "audio": audio_path},

@@ -43,7 +43,6 @@ __all__ = [
     "DATA_TYPES",
     "MEDIA_EXTENSIONS",
     "MULTIPLE_CHOICE",
-    "NEEDS_VALUES",
     "DatasetError",
     "Record",
     "load_dataset",
@@ -67,9 +66,6 @@ MEDIA_EXTENSIONS: dict[str, frozenset[str]] = {
     "image": frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}),
     "video": frozenset({".mp4", ".webm", ".mkv", ".avi", ".mov"}),
 }
-
-#: Values the synthetic set uses for the optional ``needs`` field (other strings are accepted).
-NEEDS_VALUES = ("audio", "image", "audio+image", "video+audio", "text")
 
 _KNOWN_FIELDS = frozenset(
     {"problem_id", "problem", "data_type", "problem_type", "options", "solution", "path", "data_source", "needs"}
@@ -121,7 +117,10 @@ class DatasetError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         count = len(self.problems)
-        header = f"dataset validation failed with {count} problem{'s' if count != 1 else ''}:"
+        if count == 1:  # one line (a missing file, a Hub id, one bad field)
+            super().__init__(f"dataset validation failed: {self.problems[0]}")
+            return
+        header = f"dataset validation failed with {count} problems:"
         super().__init__("\n".join([header, *self.problems]))
 
 

@@ -1,4 +1,5 @@
-"""A synthetic audio-visual multiple-choice set in exactly the AVQA-R1 layout.
+"""A synthetic audio-visual question set in exactly the AVQA-R1 layout: multiple-choice families by default, and
+families of the other problem types (counting, numbers, spans, ...) when named.
 
 ``write_synthetic_dataset(out, n_train, n_valid, seed)`` writes::
 
@@ -59,6 +60,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 
 from echoink.io import write_bytes_atomic, write_json_atomic
+from echoink.problem_types import MULTIPLE_CHOICE
 
 __all__ = [
     "COLOURS",
@@ -115,7 +117,7 @@ class SynthItem:
     image: Image.Image | None = None
     audio: np.ndarray | None = None
     video: np.ndarray | None = None
-    problem_type: str = "multiple choice"
+    problem_type: str = MULTIPLE_CHOICE
     answer_text: str | None = None
     duration: float | None = None
 

@@ -33,7 +33,8 @@ from echoink.io import write_json_atomic
 from echoink.data.synth import write_synthetic_dataset
 from echoink.model import load_thinker, save_thinker
 from echoink.model.inputs import MediaOptions
-from echoink.model.families import DEFAULT_FAMILY, family_by_name, write_tiny_checkpoint
+from echoink.model.families import DEFAULT_FAMILY, family_by_name
+from echoink.model.tiny_families import write_tiny_checkpoint
 from echoink.prompts import PromptTemplate
 from echoink.run_lock import directory_lock, hold_lock
 

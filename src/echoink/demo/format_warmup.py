@@ -3,7 +3,7 @@
 A random-initialised model never emits `<think>…</think><answer>X</answer>`, so every GRPO reward
 would be zero and no group would have any signal. The warm-up trains on
 
-    <think>ok</think><answer>L</answer><|im_end|>
+    <think>ok</think><answer>L</answer>  and the family's end-of-turn token
 
 where L is a letter drawn uniformly at random, independently of the question. The model learns the
 format and a roughly uniform letter distribution; it learns nothing about which letter is right
@@ -20,8 +20,9 @@ import time
 import torch
 
 from echoink.grpo.logprobs import group_token_logps
+from echoink.model.engine import Group
 from echoink.model.generation import completion_mask
-from echoink.grpo.types import Group
+from echoink.model.families import family_of_model
 from echoink.model.inputs import MediaOptions, encode_prompt
 from echoink.prompts import DEFAULT_TEMPLATE, PromptTemplate
 
@@ -38,7 +39,7 @@ def format_warmup(model, processor, records, steps: int = 100, batch_size: int =
     """Train `model` in place for `steps` steps of `batch_size` prompts with random-letter targets."""
     rng = random.Random(seed)
     tokenizer = processor.tokenizer
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos_id = family_of_model(model).eos_id(tokenizer)
     prompts = {}  # encode each record once
     answers_by_type: dict[str, list[str]] = {}
     for record in records:

@@ -235,22 +235,56 @@ def majority_vote_correct(samples: Sequence[Row]) -> bool:
     return any(bool(row["correct"]) for row in ordered if row.get("pred") == winner)
 
 
-def accuracy_summary(rows: Sequence[Row]) -> dict[str, Any]:
-    """Accuracy and friends for one prediction file.
-
-    Returns a JSON-serialisable dict:
+def headline_summary(rows: Sequence[Row]) -> dict[str, Any]:
+    """The headline numbers of prediction rows: what `echoink eval` prints and returns, what the trainer logs as
+    `eval/*`, and the head of :func:`accuracy_summary` (one definition for all of them).
 
     * ``n`` rows, ``n_problems``, ``samples_per_problem`` (largest K), ``accuracy`` over all rows with its 95%
-      Wilson interval ``ci_low``/``ci_high``. The interval treats rows as independent: with K > 1 samples per
-      problem it is optimistic; ``accuracy_std`` below is then the honest spread across repeated runs.
+      Wilson interval ``ci_low``/``ci_high`` (rows treated as independent).
     * ``unparsed_rate``: share of rows with ``pred`` None; ``format_rate``: mean of ``rewards.format_reward``
-      over the rows' ``reply`` (rows without a reply are left out; None when none has one);
-      ``mean_reply_tokens`` (None when not recorded).
-    * ``by_data_type`` / ``by_needs``: ``{key: {n, accuracy, ci_low, ci_high}}``; ``needs`` lists are keyed by
-      their sorted items joined with "+"; rows without the field are left out.
-    * ``by_problem_type`` / ``by_problem_type_data_type`` (keys "TYPE × DATA_TYPE"): each type with its own
-      measure (:func:`type_measure`): accuracy with a Wilson interval for binary types, mean score with a
-      bootstrap interval for graded ones; each with its ``unparsed_rate``.
+      over the rows' ``reply`` (rows without a reply are left out); ``truncated_rate``: share of rows whose
+      reply hit max_new_tokens (rows that record ``truncated``); ``mean_reply_tokens``.
+    * ``by_data_type``: ``{data_type: {n, accuracy, ci_low, ci_high}}`` (rows without the field left out);
+      ``by_problem_type``: each type with its own measure (:func:`type_measure`).
+
+    Rates and the accuracy are None when no row has what they measure (no rows at all: n = 0).
+    """
+    def rate(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    problems = _by_problem(rows)
+    correct = sum(bool(row["correct"]) for row in rows)
+    low, high = wilson_interval(correct, len(rows))
+    replies = [row["reply"] for row in rows if isinstance(row.get("reply"), str)]
+    return {
+        "n": len(rows),
+        "n_problems": len(problems),
+        "samples_per_problem": max((len(samples) for samples in problems.values()), default=0),
+        "accuracy": correct / len(rows) if rows else None,
+        "ci_low": low,
+        "ci_high": high,
+        "unparsed_rate": rate([float(row.get("pred") is None) for row in rows]),
+        "format_rate": rate(format_reward(replies)),
+        "truncated_rate": rate([float(row["truncated"]) for row in rows if isinstance(row.get("truncated"), bool)]),
+        "mean_reply_tokens": rate([row["reply_tokens"] for row in rows
+                                   if isinstance(row.get("reply_tokens"), (int, float))]),
+        "by_data_type": _breakdown(rows, lambda row: None if row.get("data_type") is None else str(row["data_type"])),
+        "by_problem_type": _type_breakdown(rows, _problem_type),
+    }
+
+
+def accuracy_summary(rows: Sequence[Row]) -> dict[str, Any]:
+    """Accuracy and friends for one prediction file (`echoink metrics`).
+
+    Returns a JSON-serialisable dict: :func:`headline_summary`'s keys (its interval treats rows as independent:
+    with K > 1 samples per problem it is optimistic; ``accuracy_std`` below is then the honest spread across
+    repeated runs), and
+
+    * ``by_needs``: ``{key: {n, accuracy, ci_low, ci_high}}``; ``needs`` lists are keyed by their sorted items
+      joined with "+"; rows without the field are left out.
+    * ``by_problem_type_data_type`` (keys "TYPE × DATA_TYPE"): each type with its own measure
+      (:func:`type_measure`): accuracy with a Wilson interval for binary types, mean score with a bootstrap
+      interval for graded ones; each with its ``unparsed_rate``.
     * ``per_sample_accuracy``: accuracy of sample index 0, 1, ..., K-1 (list, by index);
       ``accuracy_mean`` / ``accuracy_std``: mean and sample standard deviation of that list (std 0 when K = 1).
     * ``majority_vote_accuracy`` (see :func:`majority_vote_correct`).
@@ -259,20 +293,8 @@ def accuracy_summary(rows: Sequence[Row]) -> dict[str, Any]:
     """
     _check_rows(rows)
     problems = _by_problem(rows)
-    summary: dict[str, Any] = {"n_problems": len(problems)}
-    summary.update(_accuracy_block(rows))
-    summary = {"n": summary.pop("n"), **summary}
-    summary["samples_per_problem"] = max(len(samples) for samples in problems.values())
-
-    summary["unparsed_rate"] = sum(row.get("pred") is None for row in rows) / len(rows)
-    replies = [row["reply"] for row in rows if isinstance(row.get("reply"), str)]
-    summary["format_rate"] = sum(format_reward(replies)) / len(replies) if replies else None
-    tokens = [row["reply_tokens"] for row in rows if isinstance(row.get("reply_tokens"), (int, float))]
-    summary["mean_reply_tokens"] = sum(tokens) / len(tokens) if tokens else None
-
-    summary["by_data_type"] = _breakdown(rows, lambda row: None if row.get("data_type") is None else str(row["data_type"]))
+    summary = headline_summary(rows)
     summary["by_needs"] = _breakdown(rows, lambda row: None if row.get("needs") is None else _needs_key(row["needs"]))
-    summary["by_problem_type"] = _type_breakdown(rows, _problem_type)
     summary["by_problem_type_data_type"] = _type_breakdown(
         rows, lambda row: f"{_problem_type(row)} × {row.get('data_type', '-')}")
 

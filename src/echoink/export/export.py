@@ -21,7 +21,6 @@ the export naming it. The output is built in a temporary sibling directory and m
 
 from __future__ import annotations
 
-import json
 from contextlib import contextmanager
 import shutil
 import tempfile
@@ -32,14 +31,14 @@ from typing import Any, Iterator, Sequence
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from echoink.io import building_directory, write_json_atomic
+from echoink.io import building_directory, read_object_file, write_json_atomic
 from echoink.model.families import UnsupportedModelError, family_for_model_type
 
-__all__ = ["EXPORT_LAYOUTS", "ExportError", "ExportResult", "export_model", "thinker_key"]
+__all__ = ["EXPORT_LAYOUTS", "ExportError", "ExportResult", "export_model"]
 
 EXPORT_LAYOUTS = ("full", "thinker")
 #: Families whose published full layout the export writes (and tests): the thinker's published key names are
-#: `thinker_key`'s. The other parts (the family's `other_parts`) are copied from the base as stored.
+#: the family's `published_thinker_name`. The other parts (the family's `other_parts`) are copied from the base as stored.
 EXPORTABLE_FAMILIES = ("qwen2.5-omni",)
 #: Files that describe weights or the processor: written by the export, never copied from the base.
 _WEIGHT_INDEX = "model.safetensors.index.json"
@@ -68,16 +67,6 @@ class ExportResult:
     copied_tensors: int = 0
     copied_files: list[str] = field(default_factory=list)
     merged_lora: bool = False
-
-
-def thinker_key(name: str) -> str:
-    """A thinker tensor name (transformers 5 or published naming) -> its published full-layout name."""
-    for current, published in (("model.language_model.", "model."), ("model.audio_tower.", "audio_tower."),
-                               ("model.visual.", "visual.")):
-        if name.startswith(current):
-            name = published + name[len(current):]
-            break
-    return f"thinker.{name}"
 
 
 def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | Path | None = None,
@@ -149,17 +138,7 @@ class _Checkpoint:
 
 
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ExportError(f"{path}: missing")
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ExportError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    if not isinstance(value, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return value
+    return read_object_file(path, ExportError, missing="missing")
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
@@ -216,7 +195,7 @@ def _read_trained(path: Path) -> _Checkpoint:
     config = _load_json(path / "config.json")
     family, full = _family(config, path)
     if not full:
-        thinker, tensors = config, {thinker_key(k): (f, k) for k, f in _tensor_files(path).items()}
+        thinker, tensors = config, {family.published_thinker_name(k): (f, k) for k, f in _tensor_files(path).items()}
     elif isinstance(config.get("thinker_config"), dict):
         thinker = config["thinker_config"]
         tensors = {k: (f, k) for k, f in _tensor_files(path).items() if k.startswith("thinker.")}

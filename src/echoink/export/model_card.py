@@ -31,7 +31,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from echoink.eval.metrics import accuracy_summary, load_predictions
-from echoink.eval.run import run_file_path
+from echoink.eval.run_files import run_file_path
 from echoink.model.prompt_settings import (PROMPT_SETTINGS_FILE, PromptSettings, PromptSettingsError,
                                            read_prompt_settings)
 from echoink.prompts import PromptTemplate

@@ -27,7 +27,6 @@ gathering the full weights is a collective; only the main process writes files.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from safetensors import safe_open
 
 from echoink.compat import weight_conversions_set_aside
 from echoink.config import TrainConfig
-from echoink.io import NoSpaceLeftError, replace_directory, reporting_full_disk, write_json_atomic
+from echoink.io import NoSpaceLeftError, read_object_file, replace_directory, reporting_full_disk, write_json_atomic
 from echoink.grpo.distributed import full_state_dict
 from echoink.model.processor import save_processor
 from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
@@ -86,12 +85,7 @@ def read_state(checkpoint: str | Path) -> dict:
         hint = (f"; it is a run directory with {', '.join(runs)}: pass one of them, or resume=true "
                 f"output_dir={checkpoint} for the newest" if runs else "")
         raise CheckpointError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE}){hint}")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged")
+    state = read_object_file(path, CheckpointError, hint="the checkpoint is damaged")
     for key in ("step", "data_position"):  # data_position: dynamic sampling's draw rounds (optional)
         value = state.get(key, 0 if key == "data_position" else None)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

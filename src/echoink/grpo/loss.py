@@ -50,6 +50,7 @@ from typing import Literal, Optional, Union
 import torch
 
 from echoink.choices import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
+from echoink.config import clip_range_problems
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
@@ -79,9 +80,10 @@ def _check_settings(loss_type, importance_sampling_level, epsilon, epsilon_high,
         raise ValueError(
             f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
         )
+    problems = clip_range_problems(epsilon, epsilon_high)
+    if problems:
+        raise ValueError("; ".join(problems))
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
-    if epsilon < 0 or epsilon_high < 0:
-        raise ValueError(f"epsilon and epsilon_high must be >= 0, got {epsilon} and {epsilon_high}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
@@ -149,21 +151,9 @@ def policy_loss(
                              epsilon_high=epsilon_high, beta=beta,
                              importance_sampling_level=importance_sampling_level,
                              use_bias_correction_kl=use_bias_correction_kl)
-    mask = terms.mask
-    masked_loss = terms.per_token_loss * mask  # [N, T]
-    if loss_type == "grpo":
-        loss = (masked_loss.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)).mean()
-    elif loss_type == "bnpo":
-        loss = masked_loss.sum() / mask.sum().clamp(min=1.0)
-    elif loss_type == "dr_grpo":
-        loss = masked_loss.sum() / (logps.shape[0] * max_completion_length)
-    else:  # dapo
-        if num_items_in_batch is None:
-            normaliser = mask.sum().clamp(min=1.0)
-        else:
-            normaliser = torch.as_tensor(num_items_in_batch, dtype=logps.dtype, device=logps.device).clamp(min=1.0)
-        loss = masked_loss.sum() / normaliser
-    return loss, terms.stats
+    tokens = float(terms.mask.sum()) if num_items_in_batch is None else float(num_items_in_batch)
+    counts = StepCounts(sequences=logps.shape[0], tokens=tokens)  # the batch is the whole step
+    return _aggregate(loss_type, terms, counts, max_completion_length), terms.stats
 
 
 @dataclass(frozen=True)
@@ -232,7 +222,7 @@ class StepCounts:
     """
 
     sequences: int
-    tokens: int
+    tokens: int | float
     world_size: int = 1
     micro_batches: int = 1
 
@@ -288,20 +278,25 @@ class GRPOLoss:
                                  epsilon_high=self.epsilon_high, beta=self.beta,
                                  importance_sampling_level=self.importance_sampling_level,
                                  use_bias_correction_kl=self.use_bias_correction_kl)
-        m = terms.mask
-        masked_loss = terms.per_token_loss * m  # [N, T]
-        if self.loss_type == "bnpo":
-            tokens = m.sum() if micro_batch_tokens is None else torch.as_tensor(float(micro_batch_tokens))
-            loss = masked_loss.sum() / tokens.clamp(min=1.0) / max(1, counts.micro_batches)
-        else:
-            if self.loss_type == "grpo":
-                total = (masked_loss.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum()
-                denominator = counts.sequences
-            elif self.loss_type == "dr_grpo":
-                total = masked_loss.sum()
-                denominator = counts.sequences * self.max_completion_length
-            else:  # dapo
-                total = masked_loss.sum()
-                denominator = counts.tokens
-            loss = total * (counts.world_size / max(1, denominator))
-        return loss, terms.stats
+        return _aggregate(self.loss_type, terms, counts, self.max_completion_length, micro_batch_tokens), terms.stats
+
+
+def _aggregate(loss_type: str, terms: "_Terms", counts: StepCounts, max_completion_length: Optional[int],
+               micro_batch_tokens: float | None = None) -> torch.Tensor:
+    """The one place the loss type is switched on: per-token losses [N, T] -> the value to back-propagate
+    (`GRPOLoss`'s formulas; `policy_loss` is the case of one micro-batch on one process)."""
+    m = terms.mask
+    masked_loss = terms.per_token_loss * m  # [N, T]
+    if loss_type == "bnpo":
+        tokens = m.sum() if micro_batch_tokens is None else torch.as_tensor(float(micro_batch_tokens))
+        return masked_loss.sum() / tokens.clamp(min=1.0) / max(1, counts.micro_batches)
+    if loss_type == "grpo":
+        total = (masked_loss.sum(dim=1) / m.sum(dim=1).clamp(min=1.0)).sum()
+        denominator = counts.sequences
+    elif loss_type == "dr_grpo":
+        total = masked_loss.sum()
+        denominator = counts.sequences * max_completion_length
+    else:  # dapo
+        total = masked_loss.sum()
+        denominator = counts.tokens
+    return total * (counts.world_size / max(1, denominator))

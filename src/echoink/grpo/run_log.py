@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from echoink.io import append_jsonl, truncate_jsonl_after
 from echoink.grpo.trackers import PROJECT, tracker_metrics
-from echoink.grpo.types import Group
+from echoink.model.engine import Group
 
 
 class RunLog:
@@ -48,7 +48,6 @@ class RunLog:
         hf_logging.disable_progress_bar()
         if self.main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_buffer: list[dict] = []
 
     def announce(self, config, arithmetic: dict, num_items: int) -> None:
         """Print the global batch arithmetic at start (prompts, not completions, per device)."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from echoink.grpo.types import Group
+from echoink.model.engine import Group
 from echoink.rewards import compute_rewards, resolve_rewards, reward_columns, reward_names
 
 LENGTH_REWARD_NAME = "length"

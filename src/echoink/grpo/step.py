@@ -1,7 +1,7 @@
 """One GRPO step in two phases: `collect` experience, then `update` the policy on it.
 
-    collect(context, micro_batches) -> CollectedBatch      (no gradient; immutable result)
-        rollouts     G completions per prompt (eval mode, KV cache, prefill once)        rollout.sample_group
+    collect(context, prompts) -> CollectedBatch            (no gradient; immutable result)
+        rollouts     G completions per prompt, all prompts in one engine call            engine.generate
                      (over-long prompts, records with undecodable media: skipped, counted) skips
         rewards      [G, R] per group, weighted totals [B*G]                             scoring.score_group
         advantages   (r - group mean) / (group std + eps), exactly 0 for all-equal groups advantages.group_advantages
@@ -42,12 +42,12 @@ from echoink.grpo.distributed import (
 from echoink.grpo.logprobs import group_token_logps
 from echoink.grpo.loss import GRPOLoss, StepCounts
 from echoink.grpo.nonfinite import NonFiniteModelError, weights_finite
-from echoink.grpo.rollout import sample_group
 from echoink.grpo.sampling import GroupSelection, StepPrompts, informative, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet, score_group
 from echoink.grpo.skips import PromptSkips, RecordSkips
 from echoink.grpo.step_metrics import step_metrics
-from echoink.grpo.types import CollectedBatch, Group, ScoredGroup
+from echoink.grpo.types import CollectedBatch, ScoredGroup
+from echoink.model.engine import Group, RolloutEngine
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions, encode_prompt
 from echoink.model.trainable import router_aux_loss_metrics
@@ -66,6 +66,7 @@ class StepContext:
     accelerator: Accelerator
     policy: torch.nn.Module          # accelerate-wrapped `Policy`: log-probs with grad go through its forward
     thinker: torch.nn.Module         # the unwrapped (LoRA-injected) thinker: rollouts and no-grad passes
+    engine: RolloutEngine            # samples the groups (from `thinker`; synced after every step)
     reference: torch.nn.Module | None  # frozen copy when beta > 0 without LoRA
     peft_model: object | None
     optimizer: torch.optim.Optimizer
@@ -186,27 +187,28 @@ def _draw_micro_batch(context: StepContext, prompts: StepPrompts, index: int) ->
 
 
 def _rollouts(context: StepContext, records: list) -> tuple[list[tuple], int]:
-    """-> [(record, Group, rewards [G, R])] and the number of prompts skipped for exceeding max_prompt_length."""
-    config, accelerator, thinker, processor = context.config, context.accelerator, context.thinker, context.processor
-    thinker.eval()
-    rolled, skipped = [], 0
-    with gathered_for_generation(accelerator, context.policy):
-        for record in records:
-            # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
-            try:
-                prompt = encode_prompt(record, processor, context.media_options, context.template)
-            except MediaError as error:  # a file validation did not decode: skip it, naming the file
-                print(f"warning: {context.record_skips.skip(error)}", file=sys.stderr, flush=True)
-                continue
-            prompt = prompt.to(accelerator.device, context.model_dtype)
-            if context.prompt_skips.too_long(prompt.length):
-                skipped += 1  # never truncate through media placeholders: skip and count
-                continue
-            with _autocast(accelerator):
-                group = sample_group(thinker, prompt, context.sampling, processor.tokenizer,
-                                     share_prefill=config.group_sharing == "full")
-            rolled.append((record, group, score_group(context.rewards, group, record)))
-    return rolled, skipped
+    """-> [(record, Group, rewards [G, R])] and the number of prompts skipped for exceeding max_prompt_length.
+
+    Every prompt of the round goes to the rollout engine in one call (it may decode them together)."""
+    accelerator, processor = context.accelerator, context.processor
+    context.thinker.eval()  # the no-grad passes that follow (old / reference log-probs) run in eval mode too
+    kept, prompts, skipped = [], [], 0
+    for record in records:
+        # outside autocast: the processor's audio feature extractor runs torch ops and wants fp32
+        try:
+            prompt = encode_prompt(record, processor, context.media_options, context.template)
+        except MediaError as error:  # a file validation did not decode: skip it, naming the file
+            print(f"warning: {context.record_skips.skip(error)}", file=sys.stderr, flush=True)
+            continue
+        prompt = prompt.to(accelerator.device, context.model_dtype)
+        if context.prompt_skips.too_long(prompt.length):
+            skipped += 1  # never truncate through media placeholders: skip and count
+            continue
+        kept.append(record)
+        prompts.append(prompt)
+    with gathered_for_generation(accelerator, context.policy), _autocast(accelerator):
+        groups = context.engine.generate(prompts, context.sampling)
+    return [(record, group, score_group(context.rewards, group, record)) for record, group in zip(kept, groups)], skipped
 
 
 def _advantages(context: StepContext, micro_batches: list[list[tuple]]) -> list[list[ScoredGroup]]:

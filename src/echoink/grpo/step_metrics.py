@@ -17,7 +17,7 @@ import torch
 from echoink.grpo.advantages import group_reward_stats
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.types import ScoredGroup
-from echoink.problem_types import PROBLEM_TYPES
+from echoink.problem_types import MULTIPLE_CHOICE, PROBLEM_TYPES
 from echoink.rewards import score_answer
 
 
@@ -45,7 +45,7 @@ def _group_outcomes(groups: list[ScoredGroup], table: torch.Tensor, totals: torc
     out = {"all_equal": (grouped_totals.max(dim=1).values == grouped_totals.min(dim=1).values).float().mean().item()}
     has_accuracy = "accuracy" in [name for name, _ in rewards.funcs]
     accuracy = table[:, rewards.accuracy_index].view(-1, num_generations)                   # [B, G]
-    types = [getattr(g.record, "problem_type", "multiple choice") for g in groups]
+    types = [getattr(g.record, "problem_type", MULTIPLE_CHOICE) for g in groups]
     binary = torch.tensor([bool(getattr(PROBLEM_TYPES.get(t), "binary", False)) for t in types])  # [B]
     if has_accuracy and binary.any():
         out["all_correct"] = (accuracy[binary] == 1).all(dim=1).float().mean().item()

@@ -42,10 +42,18 @@ from echoink.grpo.step import NonFiniteError, StepContext, grpo_step
 from echoink.grpo.zero_signal import ZeroSignalWatch
 from echoink.io import write_json_atomic
 from echoink.model import load_thinker
+from echoink.model.engine import rollout_engine
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import MediaOptions
+from echoink.model.loading import read_checkpoint
 from echoink.model.prompt_settings import PromptSettings, write_prompt_settings
-from echoink.model.trainable import apply_freezing, merge_adapter, prepare_for_training, wrap_lora
+from echoink.model.trainable import (
+    apply_freezing,
+    check_family_settings,
+    merge_adapter,
+    prepare_for_training,
+    wrap_lora,
+)
 from echoink.problem_types import register_problem_types
 from echoink.prompts import PromptTemplate
 
@@ -56,7 +64,7 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
 
     evaluate: the in-training evaluation, called every `eval_steps` on the main process as
         `evaluate(thinker, processor) -> {"eval/...": value}` (build it with
-        `echoink.eval.training_evaluator(config)`; the CLI and the demo do). Required when eval_steps > 0.
+        `echoink.eval.run.training_evaluator(config)`; the CLI and the demo do). Required when eval_steps > 0.
     """
     # --- 1. validate everything a user gave us before loading the model ---
     if not config.model_path:
@@ -73,7 +81,7 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     register_problem_types(config.problem_types)  # user types, before the data that uses them is validated
     records = load_dataset(config.train_data)
     if config.eval_steps and evaluate is None:
-        raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval."
+        raise ConfigError("eval_steps > 0 needs an evaluation: call train(config, evaluate=echoink.eval.run."
                           "training_evaluator(config)) (the CLI does this), or set eval_steps=0")
     template = PromptTemplate.from_dict(config.prompt_template)
     rewards = RewardSet.for_config(config)  # reward_funcs / reward_weights, and the len_control column
@@ -83,6 +91,8 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
     accelerator = make_accelerator(config)  # DDP (find_unused_parameters) / FSDP / DeepSpeed, from `accelerate launch`
     check_dataset_modalities(accelerator, records)
     resume = choose_resume_checkpoint(config, resume_from, accelerator.num_processes)  # validated, not loaded yet
+    family, _, _ = read_checkpoint(config.model_path)  # config.json and the weight files, not the weights
+    check_family_settings(family, config)  # settings this family cannot honour, before the model loads
     set_seed(config.seed, device_specific=True)
     output_dir = Path(config.output_dir)
     cleared = clear_previous_run(previous_run) if previous_run and accelerator.is_main_process else ""
@@ -155,9 +165,10 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
         save_model_files(accelerator, policy, processor, directory, peft_model, atomic=False,
                          prompt_settings=prompt_settings)
 
-    context = StepContext(config, accelerator, policy, thinker, reference, peft_model, optimizer, scheduler, processor,
-                          rewards, GRPOLoss.from_config(config), sampling, media_options, template, model_dtype,
-                          steps_to_run=arithmetic["total_steps"] - start_step)
+    engine = rollout_engine(thinker, processor.tokenizer, config.group_sharing, policy_version=start_step)
+    context = StepContext(config, accelerator, policy, thinker, engine, reference, peft_model, optimizer, scheduler,
+                          processor, rewards, GRPOLoss.from_config(config), sampling, media_options, template,
+                          model_dtype, steps_to_run=arithmetic["total_steps"] - start_step)
 
     # --- 4. the loop (SIGTERM / SIGUSR1: finish the step, checkpoint, exit; preemption.py) ---
     def checkpoint(step: int) -> Path:
@@ -183,6 +194,7 @@ def _train(config: TrainConfig, resume_from: str | None, progress: bool,
                     result = grpo_step(context, prompts)
             except NonFiniteModelError as exc:
                 raise NonFiniteError(_nonfinite_message(exc, step + 1, config)) from None
+            engine.sync(thinker, step + 1)  # later groups are sampled by the policy after step + 1 steps
             data_position += prompts.rounds_used
             result.metrics["step_seconds"] = time.perf_counter() - t0
             result.metrics["learning_rate"] = scheduler.get_last_lr()[0]

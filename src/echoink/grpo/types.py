@@ -2,12 +2,13 @@
 
 Shapes: P = prompt length, G = completions per prompt, C = longest completion in the group, R = reward
 functions, B = groups in a micro-batch. A prompt's multimodal tensors are stored once (`PromptInputs`),
-never repeated G times; only the code that talks to the model (`rollout`, `logprobs`) decides how to
-expand them.
+never repeated G times; only the model layer (the rollout engine, `model.group_forward`) decides how
+to expand them. `Group` (one prompt and its G completions, with the policy version that sampled them) is
+the rollout engine's output type (`echoink.model.engine`); the types here add what training needs.
 
 Every type here is immutable: `collect` builds a `CollectedBatch` once per step and `update` only reads it.
 
-    sample_group ──▶ Group ──score, advantages, old/ref log-probs──▶ ScoredGroup
+    engine.generate ──▶ Group ──score, advantages, old/ref log-probs──▶ ScoredGroup
     list of micro-batches of ScoredGroup + the step's global counts ──▶ CollectedBatch ──▶ update
 """
 
@@ -19,33 +20,8 @@ from typing import Any
 import torch
 
 from echoink.grpo.loss import StepCounts
+from echoink.model.engine import Group
 from echoink.model.inputs import PromptInputs
-
-
-@dataclass(frozen=True)
-class Group:
-    """One prompt and its G sampled completions (what a rollout returns).
-
-    completion_ids:  [G, C] sampled tokens, right-padded with the pad id
-    completion_mask: [G, C] 1 for tokens up to and including the first EOS, 0 after
-    texts:           G decoded completions (special tokens removed)
-    truncated:       [G] bool, True where no EOS was produced within max_completion_length
-    """
-
-    prompt: PromptInputs
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    texts: list[str]
-    truncated: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return int(self.completion_ids.shape[0])
-
-    @property
-    def completion_lengths(self) -> torch.Tensor:
-        """[G] number of completion tokens (including the EOS)."""
-        return self.completion_mask.sum(dim=1)
 
 
 @dataclass(frozen=True)

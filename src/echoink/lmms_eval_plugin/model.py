@@ -14,7 +14,7 @@ thinker-only or LoRA-merged echoink model, an export. Each request becomes one e
   item's media from ``doc_to_visual`` — images (PIL or paths), audio (``{"array", "sampling_rate"}`` or paths),
   a video path with its own sound track — decoded by echoink's loaders with the same caps;
 
-and is answered by `eval.run.answer_prompts` (echoink's decoding: greedy unless the task asks to sample; replies
+and is answered by `eval.generation.answer_prompts` (echoink's decoding: greedy unless the task asks to sample; replies
 end at the end-of-turn token). The task's ``until`` is ignored: lmms-eval's default (``"\\n\\n"``) would cut a
 reasoning reply at its first blank line. Model arguments (``--model_args k=v,...``): ``pretrained``, ``device``
 (default: CUDA when available), ``dtype`` (auto | bfloat16 | float32), ``batch_size`` (prompts per generate call,
@@ -39,7 +39,7 @@ from PIL import Image
 
 from echoink.data.media import MediaError, load_audio, load_image, load_video, load_video_audio
 from echoink.data.records import MEDIA_EXTENSIONS, Record, load_dataset
-from echoink.eval.run import answer_prompts
+from echoink.eval.generation import answer_prompts
 from echoink.model.generation import SamplingSettings
 from echoink.model.inputs import PromptInputs, encode_messages, encode_prompt
 from echoink.model.loading import load_thinker

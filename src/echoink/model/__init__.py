@@ -1,5 +1,7 @@
-"""Model layer: load/save the thinker of an omni model family (Qwen2.5-Omni, Qwen3-Omni) and build tiny offline checkpoints."""
+"""Model layer: the families (each owns its thinker's forward), loading and saving, model inputs, the rollout
+engine (`echoink.model.engine`) and the attention kernels; tiny offline checkpoints for tests and the demo."""
 
-from echoink.model.loading import ModelLoadError, load_thinker, save_thinker
+from echoink.model.loading import ModelLoadError, load_thinker
+from echoink.model.saving import save_thinker
 
 __all__ = ["ModelLoadError", "load_thinker", "save_thinker"]

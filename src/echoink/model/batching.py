@@ -27,6 +27,7 @@ it: :func:`split_by_audio_in_video` groups them first.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -76,17 +77,22 @@ def collate_prompts(prompts: Sequence[PromptInputs], pad_id: int, repeats: int =
     return batch
 
 
-def move_batch(batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Move every tensor of a collated batch to `device`; `FLOAT_MEDIA_KEYS` are cast to `dtype` when given."""
-    moved: dict[str, Any] = {}
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor):
-            moved[key] = value
-        elif dtype is not None and key in FLOAT_MEDIA_KEYS:
-            moved[key] = value.to(device=device, dtype=dtype)
-        else:
-            moved[key] = value.to(device)
-    return moved
+def embedding_device_dtype(model) -> tuple[torch.device, torch.dtype]:
+    """Where the token embeddings live and their dtype (media tensors follow them; LoRA adapters may differ)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    parameter = embeddings.weight if embeddings is not None else next(model.parameters())
+    return parameter.device, parameter.dtype
+
+
+def move_prompt(prompt: PromptInputs, device: torch.device | str, dtype: torch.dtype | None = None) -> PromptInputs:
+    """`prompt` on `device`; its `FLOAT_MEDIA_KEYS` tensors cast to `dtype` when given (the rest keep their dtype)."""
+    def move(key: str, value: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and key in FLOAT_MEDIA_KEYS:
+            return value.to(device=device, dtype=dtype)
+        return value.to(device)
+
+    return replace(prompt, input_ids=prompt.input_ids.to(device),
+                   media={key: move(key, value) for key, value in prompt.media.items()})
 
 
 def _left_pad(sequences: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

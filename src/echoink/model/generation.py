@@ -1,28 +1,34 @@
-"""Generation pieces shared by rollouts (grpo) and evaluation (eval): one sampling-settings type,
-completion masks, the tokens never to sample, and guards around transformers' `generate`.
+"""Generation pieces every rollout engine uses: one sampling-settings type, completion masks, the logits
+processors, and a guard around transformers' `generate`.
 
 * `SamplingSettings`: how completions are drawn, for training rollouts and evaluation alike.
-* `completion_mask`: tokens up to and including the first EOS; `media_token_ids`: placeholders never sampled.
+* `completion_mask`: tokens up to and including the first EOS.
+* `logits_processors`: what `generate` applies for these settings, in its order (the shared-prefill engine
+  applies the same, so both engines draw the same tokens under one seed). The tokens never to sample
+  (media placeholders) are the family's (`OmniFamily.media_token_ids`).
 
 * `own_generation_defaults`: in transformers 5 every field a GenerationConfig leaves unset is filled
   from the checkpoint's generation_config.json (Qwen ships sampling defaults there). Swapping in an
   empty config for the call makes our explicit settings the only ones that apply.
-* `forget_rope_deltas`: `generate` leaves per-batch M-RoPE deltas on the thinker; clearing them
-  keeps a later forward from reusing another batch's positions.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-MEDIA_TOKEN_ATTRIBUTES = ("audio_token", "image_token", "video_token", "audio_bos_token", "audio_eos_token",
-                          "vision_bos_token", "vision_eos_token")
+from echoink.config import sampling_problems
 
 
 @dataclass(frozen=True)
@@ -51,13 +57,9 @@ class SamplingSettings:
         if self.greedy and self.num_generations != 1:
             raise ValueError(f"greedy decoding gives one answer per problem; samples={self.num_generations} needs "
                              "sampling (greedy=False)")
-        if not self.greedy:
-            if not (self.temperature > 0 and math.isfinite(self.temperature)):
-                raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
-            if not 0 < self.top_p <= 1:
-                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-            if self.top_k is not None and self.top_k < 0:
-                raise ValueError(f"top_k must be >= 0 or None, got {self.top_k}")
+        problems = [] if self.greedy else sampling_problems(self.temperature, self.top_p, self.top_k)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def as_dict(self) -> dict[str, Any]:
         """The settings that shape the output (greedy: only max_new_tokens matters besides the mode)."""
@@ -75,14 +77,6 @@ class SamplingSettings:
             return GenerationConfig(do_sample=False, **common)
         return GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p,
                                 top_k=self.top_k or 0, **common)
-
-
-def media_token_ids(tokenizer) -> list[int]:
-    """Ids of the multimodal placeholder and boundary tokens (never to be sampled)."""
-    ids = {tokenizer.convert_tokens_to_ids(getattr(tokenizer, attr)) for attr in MEDIA_TOKEN_ATTRIBUTES
-           if getattr(tokenizer, attr, None)}
-    ids.update(tokenizer.convert_tokens_to_ids(t) for t in ("<|vision_pad|>",) if t in tokenizer.get_vocab())
-    return sorted(i for i in ids if i is not None and i >= 0)
 
 
 def completion_mask(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +107,20 @@ def own_generation_defaults(model):
         target.generation_config = saved
 
 
-def forget_rope_deltas(model) -> None:
-    inner = getattr(generation_owner(model), "model", None)
-    if inner is not None and hasattr(inner, "rope_deltas"):
-        inner.rope_deltas = None
+def logits_processors(sampling: SamplingSettings, suppress: list[int], device, prompt_length: int = 0,
+                      eos_id: int | None = None) -> LogitsProcessorList:
+    """The processors `generate` applies for these settings, in generate's order."""
+    processors = LogitsProcessorList()
+    if sampling.min_new_tokens > 0 and eos_id is not None:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, sampling.min_new_tokens, eos_id,
+                                                            device=device))
+    processors.append(SuppressTokensLogitsProcessor(suppress, device=device))
+    if sampling.greedy:
+        return processors
+    if sampling.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        processors.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return processors

@@ -21,16 +21,15 @@ thinker weights, and the tokenizer's media token ids against the config's.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from echoink.hub_ids import hub_id_hint, looks_like_hub_id
-from echoink.io import building_directory
+from echoink.io import read_object_file
 from echoink.model.families import OmniFamily, UnsupportedModelError, family_for_model_type
-from echoink.model.processor import load_processor, save_processor
+from echoink.model.processor import load_processor
+from echoink.model.saving import quiet_transformers
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
@@ -47,11 +46,6 @@ class ModelLoadError(ValueError):
     """A model directory that cannot be loaded; the message is one line naming what and where."""
 
 
-def read_thinker_config(path: str | Path):
-    """The thinker config of a checkpoint directory in either layout (checks the directory)."""
-    return read_checkpoint(path)[1]
-
-
 def read_checkpoint(path: str | Path) -> tuple[OmniFamily, object, bool]:
     """-> (family, thinker config, is_full_layout) of a checkpoint directory; checks the directory and weights."""
     path = Path(path)
@@ -61,16 +55,9 @@ def read_checkpoint(path: str | Path) -> tuple[OmniFamily, object, bool]:
     if not path.is_dir():
         raise ModelLoadError(f"{path}: not a directory (expected a model directory with config.json)")
     config_file = path / "config.json"
-    if not config_file.is_file():
-        raise ModelLoadError(f"{config_file}: missing (not a model directory)")
+    raw = read_object_file(config_file, ModelLoadError, missing="missing (not a model directory)")
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_file}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except UnicodeDecodeError:
-        raise ModelLoadError(f"{config_file}: not UTF-8 text") from None
-    try:
-        family, full = family_for_model_type(raw.get("model_type") if isinstance(raw, dict) else None, str(config_file))
+        family, full = family_for_model_type(raw.get("model_type"), str(config_file))
     except UnsupportedModelError as exc:
         raise ModelLoadError(str(exc)) from None
     try:
@@ -128,7 +115,7 @@ def load_thinker(path: str | Path, dtype: str = "auto", attn_implementation: str
         kwargs["key_mapping"] = family.full_key_mapping
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             model, info = family.thinker_class.from_pretrained(str(path), **kwargs)
         except OSError as exc:
@@ -162,28 +149,3 @@ def _check_media_token_ids(path: Path, tokenizer, config) -> None:
             raise ModelLoadError(
                 f"{path}: the tokenizer gives {token} id {actual} but config.json's {config_attr} is {expected} "
                 "(tokenizer files and config.json come from different models)")
-
-
-@contextmanager
-def _quiet_transformers():
-    """The talker / speech-decoder weights and configs are skipped on purpose: silence transformers' notes on them."""
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-
-
-def save_thinker(model, processor, out_dir: str | Path) -> Path:
-    """Write a thinker-only checkpoint (safetensors + processor files) atomically to `out_dir`.
-
-    Written into a temporary sibling directory and renamed, so a crash never leaves a half-written
-    model at `out_dir`; an existing `out_dir` is replaced.
-    """
-    with building_directory(out_dir) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        save_processor(processor, tmp)
-    return out_dir

@@ -32,7 +32,9 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from echoink.model.families.qwen2_5_omni import FAMILY
 from echoink.model.processor import OmniProcessor, save_processor
+from echoink.model.saving import quiet_transformers, save_thinker
 from echoink.model.video_processor import NumpyQwenVideoProcessor
 
 # Qwen2.5-Omni's special tokens, in the published order (ids 151643 ... 151656 there; here they
@@ -211,8 +213,6 @@ def write_tiny_checkpoint(out_dir: str | Path, layout: str = "thinker", seed: in
     out_dir = Path(out_dir)
     model, processor = build_tiny_thinker(SPECS[size], seed)
     if layout == "thinker":
-        from echoink.model.loading import save_thinker
-
         save_thinker(model, processor, out_dir)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,9 +236,7 @@ def _write_full_layout(model, out_dir: Path, seed: int) -> None:
     """
     from transformers import Qwen2_5OmniConfig, Qwen2_5OmniTalkerForConditionalGeneration, Qwen2_5OmniToken2WavModel
 
-    from echoink.model.loading import _quiet_transformers
-
-    with _quiet_transformers():  # transformers' default talker config warns about its own 7B token ids
+    with quiet_transformers():  # transformers' default talker config warns about its own 7B token ids
         config = Qwen2_5OmniConfig(thinker_config=model.config.to_dict(), talker_config=talker_config(model.config),
                                    token2wav_config=dict(TOKEN2WAV_SHAPE), enable_audio_output=True)
         config.architectures = ["Qwen2_5OmniModel"]
@@ -246,9 +244,7 @@ def _write_full_layout(model, out_dir: Path, seed: int) -> None:
         config.save_pretrained(str(out_dir))
     tensors = {}
     for name, tensor in model.state_dict().items():
-        published = name.replace("model.language_model.", "model.").replace("model.audio_tower.", "audio_tower.")
-        published = published.replace("model.visual.", "visual.")
-        tensors[f"thinker.{published}"] = tensor.contiguous()
+        tensors[FAMILY.published_thinker_name(name)] = tensor.contiguous()
     torch.manual_seed(seed + 1)
     talker = Qwen2_5OmniTalkerForConditionalGeneration(config.talker_config)
     token2wav = Qwen2_5OmniToken2WavModel(config.token2wav_config)

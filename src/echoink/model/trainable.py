@@ -28,13 +28,26 @@ def prepare_for_training(thinker: nn.Module, config) -> None:
     coef / gradient_accumulation_steps per policy forward, so that each update minimises
     policy loss + coef x (mean aux loss over its micro-batches), the policy loss being averaged too.
     """
-    family = family_of_model(thinker)
+    check_family_settings(family_of_model(thinker), config)
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    setattr(thinker, ROUTER_AUX_LOSS_WEIGHT, coef / config.gradient_accumulation_steps)
+
+
+def check_family_settings(family, config) -> None:
+    """The settings a model family cannot honour, refused from its config.json alone (train, before the model
+    loads, and `train --dry-run`): group sharing, the router aux loss, LoRA on the experts."""
     family.require_group_sharing(config.group_sharing)
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
     if coef > 0 and not family.mixture_of_experts:
         raise UnsupportedModelError(f"router_aux_loss_coef={coef}: {family.display_name} has no mixture-of-experts "
                                     "router; set router_aux_loss_coef: 0")
-    setattr(thinker, ROUTER_AUX_LOSS_WEIGHT, coef / config.gradient_accumulation_steps)
+    if getattr(config, "use_peft", False) and "experts" in (getattr(config, "lora_target_modules", None) or []):
+        if family.lora_expert_parameters is None:
+            raise UnsupportedModelError(f"lora_target_modules: {family.display_name} has no mixture-of-experts "
+                                        "layers (drop 'experts')")
+        if config.lora_dropout:
+            raise UnsupportedModelError(f"lora_target_modules with 'experts': PEFT's LoRA on the fused expert "
+                                        f"parameters has no dropout; set lora_dropout: 0 (got {config.lora_dropout})")
 
 
 def router_aux_loss_weight(thinker: nn.Module) -> float:
@@ -99,7 +112,12 @@ def wrap_lora(thinker: nn.Module, config):
     target_modules, target_parameters = lora_targets(thinker, config.lora_target_modules)
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=target_modules, target_parameters=target_parameters or None, bias="none")
-    return get_peft_model(thinker, lora)
+    try:
+        return get_peft_model(thinker, lora)
+    except (ValueError, TypeError, KeyError) as exc:  # PEFT's message may dump every module name: one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedModelError(f"LoRA with lora_target_modules={config.lora_target_modules}, lora_dropout="
+                                    f"{config.lora_dropout}: PEFT refused it: {first[:300]}") from None
 
 
 def merge_adapter(model_path, adapter_dir, out_dir):

@@ -5,20 +5,18 @@ Published layout: config.json `model_type: qwen2_5_omni` with `thinker_config`, 
 conversion for `Qwen2_5OmniThinkerForConditionalGeneration` strips the `thinker.` prefix and maps
 the published names (`thinker.model.*` -> `model.language_model.*`, ...). Our trainer saves the
 thinker-only layout (`qwen2_5_omni_thinker`). Vision patches are 14 px (merge unit 28 px).
-The tiny offline checkpoint is `echoink.model.tiny` (this family's builder).
+The forward is `QwenThinker`'s; the tiny offline checkpoint is `echoink.model.tiny`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-from echoink.model.families import OmniFamily
+from echoink.model.families.qwen_thinker import QwenThinker
 from echoink.model.processor import OmniProcessor
 
 
-class Qwen2_5Omni(OmniFamily):
+class Qwen2_5Omni(QwenThinker):
     name = "qwen2.5-omni"
     display_name = "Qwen2.5-Omni"
     full_model_type = "qwen2_5_omni"
@@ -34,11 +32,6 @@ class Qwen2_5Omni(OmniFamily):
         "vision": r".*visual\.blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))",
         "audio": r".*audio_tower\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|fc1|fc2)",
     }
-
-    def write_tiny(self, out_dir: Path, layout: str, seed: int, size: str) -> Path:
-        from echoink.model.tiny import write_tiny_checkpoint
-
-        return write_tiny_checkpoint(out_dir, layout=layout, seed=seed, size=size)
 
 
 FAMILY = Qwen2_5Omni()

@@ -18,7 +18,7 @@ Differences from Qwen2.5-Omni that the rest of echoink meets through this module
   `lora_expert_parameters` and docs/qwen3_omni.md);
 * vision patches are 16 px (merge unit 32 px) and the vision encoder hands per-layer "deepstack"
   features to the first language-model layers at the visual positions: the group-sharing paths,
-  which call the language model directly, pass them on (`prompt_embedding.Deepstack`: with the
+  which call the language model directly, pass them on (`qwen_thinker.Deepstack`: with the
   prompt, tiled G ways on the "encoders" path; in the prompt pass, whose K/V then carry them, on
   the "full" path and in rollouts), exact like Qwen2.5-Omni's (tests/test_families.py);
 * audio: 13 tokens per 100 feature frames (1 s), so 3 s of audio gives 39 tokens (Qwen2.5: 75);
@@ -27,12 +27,10 @@ Differences from Qwen2.5-Omni that the rest of echoink meets through this module
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import Qwen3OmniMoeProcessor, Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
 from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import load_balancing_loss_func
 
-from echoink.model.families import OmniFamily
+from echoink.model.families.qwen_thinker import QwenThinker
 from echoink.model.processor import NumpyVideoProcessing
 
 
@@ -42,7 +40,7 @@ class Qwen3OmniProcessor(NumpyVideoProcessing, Qwen3OmniMoeProcessor):
     published_class_name = "Qwen3OmniMoeProcessor"
 
 
-class Qwen3Omni(OmniFamily):
+class Qwen3Omni(QwenThinker):
     name = "qwen3-omni"
     display_name = "Qwen3-Omni"
     full_model_type = "qwen3_omni_moe"
@@ -74,11 +72,6 @@ class Qwen3Omni(OmniFamily):
         config = super().thinker_config_from_full(raw)
         _require_vision_start(config)
         return config
-
-    def write_tiny(self, out_dir: Path, layout: str, seed: int, size: str) -> Path:
-        from echoink.model.families.qwen3_omni_tiny import write_tiny_checkpoint
-
-        return write_tiny_checkpoint(out_dir, layout=layout, seed=seed, size=size)
 
     def router_aux_loss(self, model, router_logits, attention_mask=None):
         """Switch-Transformer load-balancing loss over the layers' router logits (transformers' function):

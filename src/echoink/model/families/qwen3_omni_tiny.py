@@ -1,4 +1,4 @@
-"""A tiny random-initialised Qwen3-Omni checkpoint, built offline (the Qwen3-Omni family's `write_tiny`).
+"""A tiny random-initialised Qwen3-Omni checkpoint, built offline (picked by `echoink.model.tiny_families`).
 
 The real architecture class (`Qwen3OmniMoeThinkerForConditionalGeneration`): a mixture-of-experts text
 model (8 experts, top-2 routing), a vision encoder of depth 2 with a deepstack merger at layer 0,
@@ -26,6 +26,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from echoink.io import building_directory
 from echoink.model.families.qwen3_omni import FAMILY, Qwen3OmniProcessor
 from echoink.model.processor import save_processor
+from echoink.model.saving import save_thinker
 from echoink.model.tiny import TinySpec, build_tokenizer, write_published_shards
 from echoink.model.video_processor import NumpyQwenVideoProcessor
 
@@ -168,8 +169,6 @@ def write_tiny_checkpoint(out_dir: str | Path, layout: str = "thinker", seed: in
     out_dir = Path(out_dir)
     model, processor = build_tiny_thinker(SPECS[size], seed, generation_prefix)
     if layout == "thinker":
-        from echoink.model.loading import save_thinker
-
         save_thinker(model, processor, out_dir)
         return out_dir
     with building_directory(out_dir) as tmp:
@@ -180,8 +179,7 @@ def write_tiny_checkpoint(out_dir: str | Path, layout: str = "thinker", seed: in
 
 def _published_name(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our thinker's parameter -> its published name(s): prefixes as Qwen2.5-Omni's, one tensor per expert."""
-    published = name.replace("model.language_model.", "model.").replace("model.audio_tower.", "audio_tower.")
-    published = "thinker." + published.replace("model.visual.", "visual.")
+    published = FAMILY.published_thinker_name(name)
     if published.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H] -> per expert gate [I, H] and up [I, H]
         stem = published[: -len("gate_up_proj")]
         gate, up = tensor.chunk(2, dim=1)

@@ -1,6 +1,21 @@
-"""Attention of a batch of completions to ONE shared prompt K/V and to their own K/V, with gradient.
+"""The attention kernels of the model layer, and the switch that routes a decoder through one.
 
-The "full" log-prob path (`_hidden_prompt_kv` in logprobs.py) runs the prompt once, then the G completions
+    attention_implementation(decoder, name)   run the decoder's attention through the registered `name` for a
+                                              while (gradient-checkpoint replays included)
+    masked_attention(decoder)                 explicit 4-D masks: GQA-native sdpa on CPU (`GQA_SDPA`), else as is
+    prompt_attention(decoder)                 TRAINING: a batch of completions attends to ONE shared prompt K/V
+                                              and causally to its own K/V, with gradient (`SharedPromptAttention`)
+    shared_prefix_attention(decoder)          DECODING: G continuations of one prompt, one new token each, attend
+                                              to the prompt K/V kept once (`SharedPrefixCache`)
+    require_full_attention(decoder)           the shared paths build their own masks: no sliding windows
+
+`decoder` is the family's language model (`OmniFamily.decoder(model)`); only the model layer holds it.
+
+Training shared-prompt attention
+--------------------------------
+Attention of a batch of completions to ONE shared prompt K/V and to their own K/V, with gradient.
+
+The "full" log-prob path (`model.group_forward`, prompt K/V) runs the prompt once, then the G completions
 of its group as a batch. Each completion token attends to the whole prompt and causally to its own
 tokens:
 
@@ -21,19 +36,95 @@ finite differences): "flash_cpu" (PyTorch's CPU flash-attention kernels, which r
 the default on CPU, as fast as the masked kernel it replaces) and "matmul" (plain matmuls, one
 completion at a time; the default on other devices, whose speed there is not measured yet).
 
-`prompt_attention(language_model)` routes a language model's attention here for a while; its forward
+`prompt_attention(decoder)` routes a decoder's attention here for a while; its forward
 then takes `shared_prompt_kv=[(K_prompt, V_prompt) per layer]` and no cache.
 """
 
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from echoink.compat import cpu_flash_attention, cpu_flash_attention_backward
-from echoink.model.prompt_embedding import attention_implementation
+from echoink.compat import (
+    attention_implementation_of,
+    attention_implementation_set,
+    checkpoint_functions_wrapped,
+    cpu_flash_attention,
+    cpu_flash_attention_backward,
+)
+
+
+# ---- switching a decoder's attention function -------------------------------------------------------------
+
+@contextmanager
+def attention_implementation(decoder, name: str):
+    """Run the language model's attention through the registered function `name` for a while.
+
+    The attention modules look their function up in the (text) config at every call; this swaps
+    the name there and puts the previous one back, also on error. Gradient checkpointing replays
+    a layer's forward during backward, after this context has ended: the checkpoint function of
+    each checkpointed layer is wrapped meanwhile, so that the replay runs under `name` too (a
+    replay under another implementation would not match the forward).
+    """
+    with checkpoint_functions_wrapped(decoder.layers,
+                                      lambda original: _replays_under(original, decoder.config, name)):
+        with attention_implementation_set(decoder.config, name):
+            yield
+
+
+def _replays_under(checkpoint_function, config, name: str):
+    """A checkpoint function whose checkpointed function (forward and replay) runs under `name`."""
+    def checkpointed(function, *args, **kwargs):
+        def under_name(*inner_args, **inner_kwargs):
+            with attention_implementation_set(config, name):
+                return function(*inner_args, **inner_kwargs)
+        return checkpoint_function(under_name, *args, **kwargs)
+    return checkpointed
+
+
+GQA_SDPA = "echoink_sdpa_gqa"
+
+
+def _sdpa_gqa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """sdpa that shares key/value heads natively (`enable_gqa`) even with an explicit mask.
+
+    transformers' sdpa path copies K/V once per query head (`repeat_kv`) whenever there is a mask,
+    because CUDA's masked kernels lack GQA. PyTorch's CPU flash kernel has it: same result, without
+    the [G, heads, P + C, d] copies in forward and their gradients in backward. Needs an explicit
+    mask (is_causal is not inferred); on other devices this is transformers' sdpa.
+    """
+    if query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GQA_SDPA, _sdpa_gqa_forward)
+
+
+def require_full_attention(decoder) -> None:
+    """The shared paths build their own masks, which know nothing of sliding windows."""
+    if getattr(decoder, "has_sliding_layers", False):
+        raise ValueError("group_sharing: full does not support sliding-window attention layers "
+                         "(Qwen2.5-Omni has none); set group_sharing: none for this model")
+
+
+def masked_attention(decoder):
+    """Context for forwards that pass an explicit 4-D mask: GQA-native sdpa when the model uses sdpa."""
+    if attention_implementation_of(decoder.config) == "sdpa":
+        return attention_implementation(decoder, GQA_SDPA)
+    return nullcontext()
+
+
+# ---- training: completions attending to one shared prompt K/V, with gradient ----------------
 
 SHARED_PROMPT_ATTENTION = "echoink_shared_prompt"
 
@@ -229,6 +320,83 @@ def _shared_prompt_attention_forward(module, query, key, value, attention_mask, 
 AttentionInterface.register(SHARED_PROMPT_ATTENTION, _shared_prompt_attention_forward)
 
 
-def prompt_attention(language_model):
+def prompt_attention(decoder):
     """Route the language model's attention through `SharedPromptAttention` for a while (replays included)."""
-    return attention_implementation(language_model, SHARED_PROMPT_ATTENTION)
+    return attention_implementation(decoder, SHARED_PROMPT_ATTENTION)
+
+
+# ---- decoding G continuations of one prompt without copying its K/V G times ------------------------------
+#
+# `generate` keeps G copies of the prompt's keys/values and, every step, concatenates each layer's
+# whole cache again and attends each completion to its own copy. Here the prompt K/V are kept once
+# ([kv_heads, P, d]); each step the G x heads queries attend to them in one matmul, and to the
+# completions' own K/V (a preallocated [kv_heads, G, C, d] buffer), with one softmax over both —
+# the same attention, without the G copies and the per-step re-concatenation.
+
+SHARED_PREFIX_ATTENTION = "echoink_shared_prefix"
+
+
+class _SharedPrefixLayer(DynamicLayer):
+    """One layer's prompt K/V (once) + the completions' own K/V (written in place, never re-concatenated).
+
+    Layouts: prompt [kv_heads, P, d]; own [kv_heads, G, capacity, d] (head-major, so that the
+    attention below needs no transposes).
+    """
+
+    def __init__(self, prompt_keys: torch.Tensor, prompt_values: torch.Tensor, batch: int, capacity: int) -> None:
+        super().__init__()
+        self.lazy_initialization(prompt_keys, prompt_values)
+        self.prompt_keys, self.prompt_values = prompt_keys[0], prompt_values[0]      # [kv_heads, P, d]
+        shape = (prompt_keys.shape[1], batch, capacity, prompt_keys.shape[3])
+        self.own_keys, self.own_values = prompt_keys.new_empty(shape), prompt_values.new_empty(shape)
+        self.length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key/value_states [G, kv_heads, n, d] -> this layer's own K/V so far, [kv_heads, G, t, d]."""
+        end = self.length + key_states.shape[-2]
+        self.own_keys[:, :, self.length:end] = key_states.transpose(0, 1)
+        self.own_values[:, :, self.length:end] = value_states.transpose(0, 1)
+        self.length = end
+        return self.own_keys[:, :, :end], self.own_values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.prompt_keys.shape[-2] + self.length
+
+
+class SharedPrefixCache(Cache):
+    """A prefilled cache of ONE prompt, decoded `batch` ways (use with `shared_prefix_attention`)."""
+
+    def __init__(self, prefilled: Cache, batch: int, capacity: int) -> None:
+        super().__init__(layers=[_SharedPrefixLayer(layer.keys, layer.values, batch, capacity)
+                                 for layer in prefilled.layers])
+
+
+def _shared_prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                                     shared_prefix: SharedPrefixCache | None = None, **kwargs):
+    """One new token per completion attends to [shared prompt K/V, its own K/V]: -> [G, 1, heads, d].
+
+    query [G, heads, 1, d]; key/value: the layer's own K/V [kv_heads, G, t, d] (from `update`).
+    Query head h uses K/V head h // rep, as in `repeat_kv`.
+    """
+    if shared_prefix is None or query.shape[2] != 1:  # not a shared-prefix decode step: plain sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = shared_prefix.layers[module.layer_idx]
+    g, heads, _, d = query.shape
+    kv_heads, p = layer.prompt_keys.shape[0], layer.prompt_keys.shape[1]
+    q = (query * scaling).view(g, kv_heads, heads // kv_heads, d).transpose(0, 1)       # [kvh, G, rep, d]
+    prompt_scores = torch.matmul(q.reshape(kv_heads, -1, d), layer.prompt_keys.transpose(1, 2))  # [kvh, G*rep, P]
+    own_scores = torch.matmul(q, key.transpose(2, 3))                                   # [kvh, G, rep, t]
+    scores = torch.cat([prompt_scores.view(kv_heads, g, -1, p), own_scores], dim=-1)    # [kvh, G, rep, P + t]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs[..., :p].reshape(kv_heads, -1, p), layer.prompt_values)   # [kvh, G*rep, d]
+    out = out.view(kv_heads, g, -1, d) + torch.matmul(probs[..., p:], value)            # [kvh, G, rep, d]
+    return out.transpose(0, 1).reshape(g, 1, heads, d), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, _shared_prefix_attention_forward)
+
+
+def shared_prefix_attention(decoder):
+    """Route the language model's attention through `_shared_prefix_attention_forward` for a while."""
+    return attention_implementation(decoder, SHARED_PREFIX_ATTENTION)
