@@ -49,7 +49,7 @@ def test_every_command_of_the_guide_runs(tmp_path):
     assert len(metrics) == 2 and {"reward_by_type/note", "reward_by_type/counting"} <= set(metrics[0])
     rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
     assert sorted({row["problem_type"] for row in rows}) == ["counting", "note"] and len(rows) == 8
-    assert "Per problem type" in transcript[-1]
+    assert "by problem type" in transcript[-1]
     # the bad-solution line the guide quotes is what the loader says
     data = json.loads((tmp_path / "mytask/train.json").read_text())
     data[0]["solution"] = "<answer>A</answer>"

@@ -112,7 +112,7 @@ def test_transformers_bars_stay_off_for_the_whole_run(tiny_model_dir, tmp_path):
 
     from echoink.model import load_thinker
 
-    assert hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as a fresh process has them (an earlier test may have left them off)
     log = RunLog(tmp_path, _fake_accelerator(), total_steps=2, enabled=False, log_completions=False)
     try:
         assert not hf_logging.is_progress_bar_enabled()

@@ -8,6 +8,8 @@ reward is the mean over every rank's groups. Only the main process writes files.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import json
 import time
 from pathlib import Path
@@ -21,6 +23,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from echoink.io import append_jsonl, truncate_jsonl_after
 from echoink.grpo.trackers import PROJECT, tracker_metrics
 from echoink.model.engine import Group
+
+
+@contextmanager
+def transformers_bars_as_found():
+    """Whatever ends a run (an error included), transformers' progress bars are left as the run found them:
+    RunLog turns them off while it lasts and only its close() turns them back on."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
 
 
 class RunLog:

@@ -35,7 +35,7 @@ from echoink.grpo.loss import GRPOLoss
 from echoink.grpo.nonfinite import LogitsGuard, NonFiniteModelError
 from echoink.grpo.preemption import Preempted, PreemptionNotice
 from echoink.grpo.run_dir import check_output_dir, clear_previous_run, locked_output_dir
-from echoink.grpo.run_log import RunLog
+from echoink.grpo.run_log import RunLog, transformers_bars_as_found
 from echoink.grpo.sampling import StepPrompts, skips_zero_advantage_groups
 from echoink.grpo.scoring import RewardSet
 from echoink.grpo.step import NonFiniteError, StepContext, grpo_step
@@ -71,7 +71,8 @@ def train(config: TrainConfig, resume_from: str | None = None, progress: bool = 
         raise ValueError("config: model_path is required")
     if not config.train_data:
         raise ValueError("config: train_data is required")
-    with locked_output_dir(config.output_dir):  # one run per output_dir at a time (run_dir.py)
+    # one run per output_dir at a time (run_dir.py); an error leaves transformers' bars as they were
+    with locked_output_dir(config.output_dir), transformers_bars_as_found():
         return _train(config, resume_from, progress, evaluate)
 
 
