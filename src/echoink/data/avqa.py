@@ -22,12 +22,11 @@ from echoink.data.conversion import (
     LETTERS,
     ConversionError,
     ConversionReport,
+    convert_annotations,
     lettered_options,
-    read_annotation_list,
     relative_media_path,
     require_choices,
     require_string,
-    write_records,
 )
 
 __all__ = ["AVQA_DATA_SOURCE", "VIDEO_EXTENSION", "convert_avqa"]
@@ -43,19 +42,12 @@ def convert_avqa(qa_path: str | Path, videos_dir: str | Path, out_path: str | Pa
     JSON file ``out_path`` (whose directory must contain ``videos_dir``). Raises ConversionError (one line)
     on a malformed file or record; writes nothing then."""
     qa_path, videos_dir, out_path = Path(qa_path), Path(videos_dir), Path(out_path)
-    if not videos_dir.is_dir():
-        raise ConversionError(f"{videos_dir}: videos directory not found")
-    relative_media_path(videos_dir, out_path.parent, f"--videos {videos_dir}")
-    items = read_annotation_list(qa_path)
-    report = ConversionReport(source=str(qa_path), total=len(items))
-    records, seen = [], {}
-    for index, item in enumerate(items):
-        record = _convert_question(item, index, qa_path, videos_dir, out_path.parent, seen)
-        if record is None:
-            report.skipped[MISSING_VIDEO] += 1
-        else:
-            records.append(record)
-    return write_records(records, out_path, report)
+    seen: dict[str, int] = {}  # id -> first record index (ids must be unique)
+
+    def convert_one(item, index: int) -> dict | None:
+        return _convert_question(item, index, qa_path, videos_dir, out_path.parent, seen)
+
+    return convert_annotations(qa_path, videos_dir, out_path, convert_one, MISSING_VIDEO)
 
 
 def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir: Path, seen: dict) -> dict | None:

@@ -22,7 +22,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from echoink.io import write_json_atomic
 
@@ -108,6 +108,26 @@ def relative_media_path(media: Path, out_dir: Path, where: str) -> str:
             f"{where}: the media {str(media)!r} are not under the output file's directory {str(out_dir)!r}; echoink "
             "reads media relative to the data file, so write the output file into a directory that contains them"
         ) from None
+
+
+def convert_annotations(qa_path: Path, videos_dir: Path, out_path: Path, convert_one: Callable[[Any, int], dict | None],
+                        missing_reason: str) -> ConversionReport:
+    """The loop both benchmark converters share: check the media directory, read the annotation list, convert
+    each item with `convert_one(item, index)` (None: its media file is missing, counted under `missing_reason`),
+    write the kept records atomically. A ConversionError from any item stops it before anything is written."""
+    if not videos_dir.is_dir():
+        raise ConversionError(f"{videos_dir}: videos directory not found")
+    relative_media_path(videos_dir, out_path.parent, f"--videos {videos_dir}")
+    items = read_annotation_list(qa_path)
+    report = ConversionReport(source=str(qa_path), total=len(items))
+    records = []
+    for index, item in enumerate(items):
+        record = convert_one(item, index)
+        if record is None:
+            report.skipped[missing_reason] += 1
+        else:
+            records.append(record)
+    return write_records(records, out_path, report)
 
 
 def write_records(records: list[dict[str, Any]], out_path: str | Path, report: ConversionReport) -> ConversionReport:

@@ -35,12 +35,11 @@ from echoink.data.conversion import (
     LETTERS,
     ConversionError,
     ConversionReport,
+    convert_annotations,
     lettered_options,
-    read_annotation_list,
     relative_media_path,
     require_choices,
     require_string,
-    write_records,
 )
 
 __all__ = ["DAILY_OMNI_DATA_SOURCE", "DAILY_OMNI_MODES", "convert_daily_omni"]
@@ -66,19 +65,11 @@ def convert_daily_omni(qa_path: str | Path, videos_dir: str | Path, out_path: st
     if mode not in DAILY_OMNI_MODES:
         raise ConversionError(f"mode must be one of {', '.join(DAILY_OMNI_MODES)}, got {mode!r}")
     qa_path, videos_dir, out_path = Path(qa_path), Path(videos_dir), Path(out_path)
-    if not videos_dir.is_dir():
-        raise ConversionError(f"{videos_dir}: videos directory not found")
-    relative_media_path(videos_dir, out_path.parent, f"--videos {videos_dir}")
-    items = read_annotation_list(qa_path)
-    report = ConversionReport(source=str(qa_path), total=len(items))
-    records = []
-    for index, item in enumerate(items):
-        record = _convert_question(item, index, qa_path, videos_dir, out_path.parent, mode)
-        if record is None:
-            report.skipped[MISSING_MEDIA] += 1
-        else:
-            records.append(record)
-    return write_records(records, out_path, report)
+
+    def convert_one(item, index: int) -> dict | None:
+        return _convert_question(item, index, qa_path, videos_dir, out_path.parent, mode)
+
+    return convert_annotations(qa_path, videos_dir, out_path, convert_one, MISSING_MEDIA)
 
 
 def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir: Path, mode: str) -> dict | None:
