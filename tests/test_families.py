@@ -376,3 +376,17 @@ def test_cli_writes_a_tiny_qwen3_checkpoint(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "echoink.cli", "model", "tiny", "--family", "qwen9",
                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown model family 'qwen9'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_family_missing_part_of_the_interface_cannot_be_made():
+    """OmniFamily's forward and token methods are abstract: a third family that forgets one fails when it is made,
+    not in the middle of a rollout."""
+    from echoink.model.families import FAMILIES, OmniFamily
+
+    class HalfFamily(OmniFamily):
+        def published_thinker_name(self, name: str) -> str:
+            return name
+
+    with pytest.raises(TypeError, match="abstract"):
+        HalfFamily()
+    assert all(isinstance(family, OmniFamily) for family in FAMILIES)

@@ -32,6 +32,8 @@ training
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,7 @@ class DecoderOutput:
     cache: Any = None
 
 
-class OmniFamily:
+class OmniFamily(ABC):
     """One omni model family (see the module docstring). Subclasses set the class attributes and implement
     the forward methods."""
 
@@ -113,39 +115,49 @@ class OmniFamily:
         raise UnsupportedModelError(f"{self.display_name} has no mixture-of-experts router")
 
     # ---- files and tokens ----
+    @abstractmethod
     def published_thinker_name(self, name: str) -> str:
-        raise NotImplementedError
+        ...
 
     def eos_id(self, tokenizer) -> int:
         return tokenizer.convert_tokens_to_ids(self.end_of_turn_token)
 
+    @abstractmethod
     def media_token_ids(self, tokenizer) -> list[int]:
-        raise NotImplementedError
+        ...
 
     # ---- the forward ----
+    @abstractmethod
     def embed_prompt(self, model: nn.Module, prompt: PromptInputs) -> EmbeddedPrompt:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def embed_tokens(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def positions_after_prompt(self, prompt: EmbeddedPrompt, start, length: int, rows: int = 1) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def run_decoder(self, model: nn.Module, embeds: torch.Tensor, positions: torch.Tensor, *,
                     prompt: EmbeddedPrompt | None = None, cache=None, use_cache: bool = False,
                     attention_mask: torch.Tensor | None = None, **attention_kwargs) -> DecoderOutput:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def output_head(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def decoder(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def forward_repeated(self, model: nn.Module, prompt: PromptInputs, completion_ids: torch.Tensor,
                          router_logits: bool = False) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def generate(self, model: nn.Module, batch: dict[str, Any], generation_config) -> torch.Tensor:
-        raise NotImplementedError
+        ...
