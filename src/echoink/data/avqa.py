@@ -26,6 +26,7 @@ from echoink.data.conversion import (
     lettered_options,
     relative_media_path,
     require_choices,
+    require_object,
     require_string,
 )
 
@@ -52,8 +53,7 @@ def convert_avqa(qa_path: str | Path, videos_dir: str | Path, out_path: str | Pa
 
 def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir: Path, seen: dict) -> dict | None:
     where = f"{qa_path}:record {index}"
-    if not isinstance(item, dict):
-        raise ConversionError(f"{where}: expected a JSON object, got a JSON {type(item).__name__}")
+    item = require_object(item, where)
     question_id = item.get("id")
     if isinstance(question_id, bool) or not isinstance(question_id, (int, str)) or str(question_id).strip() == "":
         raise ConversionError(f"{where}: id: expected an integer or a string")

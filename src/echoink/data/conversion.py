@@ -137,6 +137,13 @@ def write_records(records: list[dict[str, Any]], out_path: str | Path, report: C
     return report
 
 
+def require_object(item: Any, where: str) -> dict:
+    """An annotation item must be a JSON object; one line naming `where` otherwise."""
+    if not isinstance(item, dict):
+        raise ConversionError(f"{where}: expected a JSON object, got a JSON {type(item).__name__}")
+    return item
+
+
 def require_string(item: dict, name: str, where: str) -> str:
     """The non-empty string field `name`, stripped."""
     value = item.get(name)

@@ -39,6 +39,7 @@ from echoink.data.conversion import (
     lettered_options,
     relative_media_path,
     require_choices,
+    require_object,
     require_string,
 )
 
@@ -74,8 +75,7 @@ def convert_daily_omni(qa_path: str | Path, videos_dir: str | Path, out_path: st
 
 def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir: Path, mode: str) -> dict | None:
     where = f"{qa_path}:record {index}"
-    if not isinstance(item, dict):
-        raise ConversionError(f"{where}: expected a JSON object, got a JSON {type(item).__name__}")
+    item = require_object(item, where)
     video_id = require_string(item, "video_id", where)
     where = f"{qa_path}:record {index} (video_id {video_id})"
     if "/" in video_id or "\\" in video_id or video_id in (".", ".."):
