@@ -44,7 +44,8 @@ def workspace(tmp_path_factory):
     from echoink.data.records import load_dataset
     from echoink.data.synth import write_synthetic_dataset
     from echoink.demo.format_warmup import format_warmup
-    from echoink.model.loading import load_thinker, save_thinker
+    from echoink.model.loading import load_thinker
+    from echoink.model.saving import save_thinker
     from echoink.model.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("lmms")
