@@ -24,7 +24,7 @@ from echoink.analysis.report import write_report
 from echoink.cli import app
 from echoink.eval.metrics import load_predictions
 from echoink.eval.run_files import open_run
-from echoink.io import (append_jsonl, read_jsonl, read_jsonl_tolerant, split_jsonl_lines, to_strict_json,
+from echoink.io import (append_jsonl, iter_jsonl, read_jsonl_tolerant, split_jsonl_lines, to_strict_json,
                         truncate_jsonl_after, write_json_atomic)
 
 #: The characters other than "\n" that str.splitlines() takes for line ends, and a few that HTML treats specially.
@@ -117,7 +117,7 @@ def test_training_files_read_back_and_resume(tmp_path_factory, texts, numbers, r
     """completions.jsonl and metrics.jsonl -> the readers, plot's reader, and a training resume's truncation."""
     run_dir = tmp_path_factory.mktemp("run")
     completions, stored_metrics = _write_run(run_dir, texts, numbers)
-    assert read_jsonl(run_dir / "completions.jsonl") == completions
+    assert _rows(run_dir / "completions.jsonl") == completions
     assert read_jsonl_tolerant(run_dir / "metrics.jsonl") == (stored_metrics, None)
     assert load_metrics(run_dir) == stored_metrics
 
@@ -126,8 +126,8 @@ def test_training_files_read_back_and_resume(tmp_path_factory, texts, numbers, r
     assert truncate_jsonl_after(run_dir / "completions.jsonl", len(texts)) == 0
     assert truncate_jsonl_after(run_dir / "completions.jsonl", resume_step) == max(0, len(texts) - resume_step)
     assert truncate_jsonl_after(run_dir / "metrics.jsonl", resume_step) == max(0, len(texts) - resume_step)
-    assert read_jsonl(run_dir / "completions.jsonl") == completions[:resume_step]
-    assert read_jsonl(run_dir / "metrics.jsonl") == stored_metrics[:resume_step]
+    assert _rows(run_dir / "completions.jsonl") == completions[:resume_step]
+    assert _rows(run_dir / "metrics.jsonl") == stored_metrics[:resume_step]
     for name, data in before.items():
         assert data.startswith((run_dir / name).read_bytes())
 
@@ -180,3 +180,7 @@ def test_predictions_read_back(tmp_path_factory, texts, preds):
     write_report(run_dir, [path], out=root / "report.html", media=False)
     shown = _pre_texts((root / "report.html").read_text(encoding="utf-8"))
     assert sorted(shown) == sorted(_as_html_shows(text) for text in texts)
+
+
+def _rows(path) -> list[dict]:
+    return [row for _, row in iter_jsonl(path)]

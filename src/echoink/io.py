@@ -36,7 +36,7 @@ import yaml
 
 __all__ = [
     "JsonlError", "NoSpaceLeftError", "UnwritableError", "append_jsonl", "check_writable", "split_jsonl_lines",
-    "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl", "read_jsonl",
+    "to_strict_json", "disk_is_full", "reporting_full_disk", "building_directory", "iter_jsonl",
     "read_jsonl_tolerant", "read_object_file",
     "repair_cut_last_line", "replace_directory", "save_figure_atomic", "truncate_jsonl_after",
     "write_bytes_atomic", "write_json_atomic", "write_text_atomic",
@@ -326,13 +326,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_number, _decode_line(path, line_number, line)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """Every non-blank line of ``path`` as a JSON object, in file order (errors as :func:`iter_jsonl`)."""
-    return [value for _, value in iter_jsonl(path)]
-
-
 def read_jsonl_tolerant(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Like :func:`read_jsonl`, but a damaged LAST line (a write cut by a kill) is dropped, not an error.
+    """Every non-blank line as a JSON object, like :func:`iter_jsonl`, but a damaged LAST line (a write cut by a kill) is dropped, not an error.
 
     Returns ``(rows, note)``: ``note`` says which line was ignored, or is None. A damaged line before the
     last one is still a ``JsonlError``: that is corruption, not a cut write.

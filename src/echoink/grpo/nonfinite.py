@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from echoink.model.families import family_of_model
+
 
 class NonFiniteModelError(RuntimeError):
     """The weights or the logits stopped being finite; `what` says which."""
@@ -35,7 +37,7 @@ class LogitsGuard:
     """`with LogitsGuard(model):` the logits of every sampling step are checked before sampling."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.module = model.get_output_embeddings()
+        self.module = family_of_model(model).output_head(model)  # the family knows where the logits come from
         self.handle = None
 
     def __enter__(self) -> "LogitsGuard":
