@@ -24,7 +24,7 @@ DEVICE = os.environ.get("ECHOINK_TEST_DEVICE", "cpu")  # benchmarks/gpu_suite.sh
 
 @pytest.fixture(scope="module", params=["qwen2.5-omni", "qwen3-omni"])
 def family_setup(request, mixed_dataset):
-    """(model, EOS-biased copy, tokenizer, special tokens, 8 prompts covering every data type)."""
+    """(model, EOS-biased copy, tokenizer, special tokens, 8 prompts covering every data type, processor)."""
     thinker_dir = request.getfixturevalue({"qwen2.5-omni": "tiny_model_dir", "qwen3-omni": "qwen3_model_dir"}
                                           [request.param])
     model, processor = load_thinker(thinker_dir, dtype="float32")
@@ -43,7 +43,7 @@ def family_setup(request, mixed_dataset):
     bias = torch.zeros(stopping.lm_head.out_features, device=DEVICE)
     bias[eos_id] = 2.5
     stopping.lm_head.bias = torch.nn.Parameter(bias)
-    return model, stopping, tokenizer, special, prompts
+    return model, stopping, tokenizer, special, prompts, processor
 
 
 def _generate(model, prompt, sampling: SamplingSettings, special: SpecialTokens, seed: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ CASES = {  # (settings, EOS made likely, loop sizes compared)
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_loop_size_changes_no_token_and_equals_generate(family_setup, case):
-    model, stopping_model, tokenizer, special, prompts = family_setup
+    model, stopping_model, tokenizer, special, prompts, _ = family_setup
     sampling, stopping, sizes = CASES[case]
     model = stopping_model if stopping else model
     seeds = [prompt_seed(42, 3, position) for position in range(len(prompts))]
@@ -91,7 +91,7 @@ def test_loop_size_changes_no_token_and_equals_generate(family_setup, case):
 def test_each_group_draws_from_its_own_stream(family_setup):
     """A prompt's completions depend on its own seed only: changing another prompt's seed or dropping it from
     the loop leaves them as they were; two seeds give different samples."""
-    model, _, tokenizer, _, prompts = family_setup
+    model, _, tokenizer, _, prompts, _ = family_setup
     sampling = CASES["sampled"][0]
     seeds = [prompt_seed(1, 0, p) for p in range(4)]
     base, _ = _decode(model, tokenizer, prompts[:4], sampling, seeds)
@@ -103,7 +103,7 @@ def test_each_group_draws_from_its_own_stream(family_setup):
 
 
 def test_min_new_tokens_fixes_every_length(family_setup):
-    _, stopping_model, tokenizer, special, prompts = family_setup
+    _, stopping_model, tokenizer, special, prompts, _ = family_setup
     sampling = SamplingSettings(num_generations=3, max_new_tokens=6, min_new_tokens=6)
     ids, stats = _decode(stopping_model, tokenizer, prompts[:3], sampling, [5, 6, 7])
     assert all(group.shape == (3, 6) and bool((group != special.pad_id).all()) for group in ids)
@@ -125,3 +125,35 @@ def test_prompt_seeds_are_stable_and_distinct():
     assert prompt_seed(42, 3, 1) == prompt_seed(42, 3, 1)
     seeds = {prompt_seed(s, step, p) for s in (0, 1) for step in range(5) for p in range(8)}
     assert len(seeds) == 80 and all(0 <= s < 2**63 for s in seeds)
+
+
+def test_prompts_of_one_length_share_a_prefill_call(family_setup, mixed_dataset):
+    """Prompts of equal length run through the decoder as the rows of one call (`prefill_prompts`): each row's K/V,
+    logits and first position equal that prompt's own prefill (float rounding), its deepstack features included
+    (Qwen3-Omni, image prompts), and a loop of them gives the tokens each gives alone."""
+    from echoink.model.engine.batched_decode import prefill_prompts
+
+    model, _, tokenizer, _, _, processor = family_setup
+    records = load_dataset(mixed_dataset / "train" / "omni_rl_format_train.json")
+    records += load_dataset(mixed_dataset / "valid" / "omni_rl_format_valid.json")
+    by_length: dict[int, list] = {}
+    for record in records:
+        if record.data_type in ("image", "image_audio"):
+            prompt = encode_prompt(record, processor).to(DEVICE)
+            by_length.setdefault(prompt.length, []).append(prompt)
+    prompts = max(by_length.values(), key=len)[:3]
+    assert len(prompts) >= 2, f"no two image prompts of one length in the fixture: {sorted(by_length)}"
+    assert not torch.equal(prompts[0].media["pixel_values"], prompts[1].media["pixel_values"])  # distinct images
+    with torch.no_grad():
+        stacked = prefill_prompts(model, prompts)
+        alone = [prefill_prompts(model, [prompt])[0] for prompt in prompts]
+    for together, single in zip(stacked, alone):
+        for a, b in zip(together.keys + together.values, single.keys + single.values):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(together.logits, single.logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(together.first_position, single.first_position)
+    sampling = SamplingSettings(num_generations=4, max_new_tokens=8)
+    seeds = [prompt_seed(7, 0, position) for position in range(len(prompts))]
+    together, _ = _decode(model, tokenizer, prompts, sampling, seeds)
+    for prompt, seed, ids in zip(prompts, seeds, together):
+        assert torch.equal(ids, _decode(model, tokenizer, [prompt], sampling, [seed])[0][0])

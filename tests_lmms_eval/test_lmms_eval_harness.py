@@ -206,3 +206,31 @@ def test_the_template_saved_with_the_model_is_used(tmp_path):
         doc = json.loads(line)
         expected = encode_prompt(records[doc["echoink_index"]], model.processor, settings.media, settings.template)
         assert model._encode(doc["prompt"], doc, None).input_ids.tolist() == expected.input_ids.tolist()
+
+
+def test_sampled_replies_do_not_depend_on_the_batch(tmp_path):
+    """A sampling task's reply to a document draws from a stream named by (seed, task, document): the same reply
+    whatever `batch_size` (before, every batch restarted the streams at its own positions 0, 1, ...)."""
+    from types import SimpleNamespace
+
+    from echoink.data.synth import write_synthetic_dataset
+    from echoink.eval.lmms_task import write_lmms_task
+    from echoink.lmms_eval_plugin.model import EchoinkModel
+    from echoink.model.tiny import write_tiny_checkpoint
+
+    write_synthetic_dataset(tmp_path / "synth", n_train=0, n_valid=4, seed=7)
+    task = write_lmms_task(tmp_path / "synth" / "valid" / "omni_rl_format_valid.json", tmp_path / "task")
+    write_tiny_checkpoint(tmp_path / "tiny", layout="thinker", seed=0)
+    docs = [json.loads(line) for line in task.docs_path.read_text().splitlines()]
+    sampling = {"do_sample": True, "temperature": 1.0, "max_new_tokens": 12}
+
+    def replies(batch_size: str, order: list[int]) -> dict[int, str]:
+        model = EchoinkModel(pretrained=str(tmp_path / "tiny"), dtype="float32", batch_size=batch_size, seed=3)
+        model.task_dict = {task.name: {"test": dict(enumerate(docs))}}
+        requests = [SimpleNamespace(args=(docs[i]["prompt"], sampling, None, i, task.name, "test")) for i in order]
+        return dict(zip(order, model.generate_until(requests)))
+
+    one_at_a_time = replies("1", [0, 1, 2, 3])
+    assert len(set(one_at_a_time.values())) > 1  # sampled replies, not one fixed text
+    assert replies("4", [0, 1, 2, 3]) == one_at_a_time
+    assert replies("3", [3, 2, 1, 0]) == one_at_a_time

@@ -1,7 +1,8 @@
 """The evaluation loop: records -> prompts -> the rollout engine -> graded rows, batch by batch.
 
     generate_predictions(model, processor, records, decoding=..., batch_size=...) -> yields a list of rows per batch
-    answer_prompts(model, processor, prompts, decoding, seed=...) -> replies per encoded prompt (lmms-eval)
+    answer_prompts(model, processor, prompts, decoding, seed=..., stream_keys=...) -> replies per encoded prompt
+                                                                       (lmms-eval)
 
 Prompts come from `model.inputs.encode_prompt` (the same prompt as training); completions from the rollout
 engine training uses (`model.engine.evaluation_engine`: the shared-prefill engine, every prompt of a batch in
@@ -106,15 +107,19 @@ def generate_predictions(
 
 
 def answer_prompts(model, processor, prompts: Sequence[PromptInputs], decoding: SamplingSettings, *,
-                   seed: int = 0) -> list[list[str]]:
+                   seed: int = 0, stream_keys: Sequence[Sequence[int]] | None = None) -> list[list[str]]:
     """Replies to prompts already encoded (by `encode_prompt` or `encode_messages`): for each prompt, its
     `decoding.num_generations` replies, in order. One engine call for all of them (one decode loop); the same
     decoding, end of reply and reply text as `echoink eval`. Prompt i draws from its own stream, seeded by
-    (`seed`, i); the caller's RNG state is left as it was. Used by the lmms-eval adapter."""
+    (`seed`, *stream_keys[i]) — by default (`seed`, i); give keys that name the item (the lmms-eval adapter: its
+    task and document) so that an item's samples do not depend on its batch. The caller's RNG state is left as
+    it was. Used by the lmms-eval adapter."""
     engine = evaluation_engine(model, processor.tokenizer)
     device, dtype = embedding_device_dtype(model)
-    generators = None if decoding.greedy else prompt_generators([prompt_seed(seed, i) for i in range(len(prompts))],
-                                                                device)
+    keys = [(i,) for i in range(len(prompts))] if stream_keys is None else list(stream_keys)
+    if len(keys) != len(prompts):
+        raise ValueError(f"answer_prompts: {len(keys)} stream keys for {len(prompts)} prompts")
+    generators = None if decoding.greedy else prompt_generators([prompt_seed(seed, *key) for key in keys], device)
     groups = engine.generate([move_prompt(prompt, device, dtype) for prompt in prompts], decoding, generators)
     return [list(group.texts) for group in groups]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class EchoinkModel(lmms):
         """One reply per request, in request order; consecutive requests with equal generation settings share a
         generate call (at most `batch_size` prompts)."""
         replies: list[str] = []
-        batch: list[tuple[PromptInputs, SamplingSettings]] = []
+        batch: list[tuple[PromptInputs, SamplingSettings, tuple[int, int]]] = []
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             decoding = self._decoding(gen_kwargs)
@@ -95,7 +96,8 @@ class EchoinkModel(lmms):
                 replies.extend(self._answer(batch))
                 batch = []
             doc = self.task_dict[task][split][doc_id]
-            batch.append((self._encode(context, doc, doc_to_visual), decoding))
+            # a sampled reply draws from a stream named by (seed, task, document): not by its batch or position
+            batch.append((self._encode(context, doc, doc_to_visual), decoding, (zlib.crc32(task.encode()), int(doc_id))))
         if batch:
             replies.extend(self._answer(batch))
         return replies
@@ -159,9 +161,10 @@ class EchoinkModel(lmms):
                     raise ValueError(f"echoink model: {exc}") from None
         return media, parts
 
-    def _answer(self, batch: list[tuple[PromptInputs, SamplingSettings]]) -> list[str]:
-        prompts = [prompt for prompt, _ in batch]
-        replies = answer_prompts(self.model, self.processor, prompts, batch[0][1], seed=self.seed)
+    def _answer(self, batch: list[tuple[PromptInputs, SamplingSettings, tuple[int, int]]]) -> list[str]:
+        prompts = [prompt for prompt, _, _ in batch]
+        replies = answer_prompts(self.model, self.processor, prompts, batch[0][1], seed=self.seed,
+                                 stream_keys=[key for _, _, key in batch])
         return [samples[0] for samples in replies]
 
 

@@ -6,8 +6,9 @@
 A loop takes B prompts and answers each G times (B*G rows):
 
 * **prefill**: each prompt's media are encoded and its prompt run through the decoder once
-  (`prefill_prompt`, through the model's family); its keys/values are kept once per layer, [kv_heads, P_b, d], never copied G times
-  and never padded to another prompt's length.
+  (`prefill_prompts`, through the model's family); prompts of the same length share one decoder call, as its
+  rows (no padding); each prompt's keys/values are kept once per layer, [kv_heads, P_b, d], never copied G
+  times and never padded to another prompt's length.
 * **decode**: every step runs ONE language-model forward for the rows still generating, of all groups
   together. Attention (`attention.BatchedPrefixCache`, `attention.batched_prefix_attention`) reads, for the rows of group b, group b's
   prompt K/V (one matmul per group: no padding shared across groups) and each row's own K/V (one
@@ -28,10 +29,12 @@ size, the number of processes, or when rows are compacted (tests compare with `g
 Logits processors are the ones `generate` applies, in its order (`logits_processors`); each acts on
 every row alike, so they run once for all rows.
 
-Prefills run one prompt at a time: a right-padded batch of 8 prompts through the decoder was not faster on
-2 CPU cores (tiny spec 0.22 s vs 0.19 s one by one, bench 2.24 s vs 2.14 s; docs/performance.md) — the
-prefill is compute-bound there and padding adds work — and one at a time keeps every prompt's K/V exactly
-what `generate` computes for it.
+Prefills: the media encoders run one prompt at a time; the decoder runs the prompts of one length in one call
+(their rows are independent: same causal attention, no padding). An earlier right-padded batch of prompts of
+different lengths was not faster on 2 CPU cores (the padding adds work) and changes each prompt's arithmetic;
+stacking equal lengths pays where prompts share a template and media sizes (evaluation of one answer per
+prompt: docs/performance.md). Like decoding many rows at once, a row's last bits can differ with the number
+of rows a linear layer sees; the batch-size tests check that no token moves.
 
 Loops. `plan_loops` cuts the prompts into loops of at most `batch_size` prompts (None: all in one) and
 at most `token_budget` K/V positions (sum over the loop of P_b + G * max_new_tokens; None: no limit);
@@ -121,16 +124,26 @@ class PrefilledPrompt:
     first_position: torch.Tensor
 
 
-def prefill_prompt(model, prompt: PromptInputs) -> PrefilledPrompt:
-    """Encode the prompt's media and run the prompt through the decoder once (through the model's family)."""
+def prefill_prompts(model, prompts: Sequence[PromptInputs]) -> list[PrefilledPrompt]:
+    """Encode each prompt's media (one prompt at a time), then run the prompts through the decoder: prompts of
+    one length together, as the rows of one call (no padding: each row's attention sees its own prompt only)."""
     family = family_of_model(model)
-    embedded = family.embed_prompt(model, prompt)                                     # [1, P, H]
-    out = family.run_decoder(model, embedded.embeds, embedded.positions, prompt=embedded, use_cache=True)
-    layers = out.cache.layers
-    return PrefilledPrompt(keys=tuple(layer.keys[0] for layer in layers),
-                           values=tuple(layer.values[0] for layer in layers),
-                           logits=family.output_head(model)(out.hidden[:, -1]).float(),
-                           first_position=family.positions_after_prompt(embedded, 0, 1))
+    embedded = [family.embed_prompt(model, prompt) for prompt in prompts]              # [1, P_b, H] each
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(embedded):
+        by_length.setdefault(prompt.length, []).append(index)
+    prefilled: list[PrefilledPrompt | None] = [None] * len(prompts)
+    for indices in by_length.values():
+        rows = family.stack_prompts([embedded[i] for i in indices]) if len(indices) > 1 else embedded[indices[0]]
+        out = family.run_decoder(model, rows.embeds, rows.positions, prompt=rows, use_cache=True)
+        logits = family.output_head(model)(out.hidden[:, -1]).float()                     # [n, V]
+        layers = out.cache.layers
+        for row, index in enumerate(indices):
+            prefilled[index] = PrefilledPrompt(keys=tuple(layer.keys[row] for layer in layers),
+                                               values=tuple(layer.values[row] for layer in layers),
+                                               logits=logits[row:row + 1],
+                                               first_position=family.positions_after_prompt(embedded[index], 0, 1))
+    return prefilled
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -173,7 +186,7 @@ def decode_loop(model, prompts: Sequence[PromptInputs], sampling: SamplingSettin
     decoder, head = family.decoder(model), family.output_head(model)
     require_full_attention(decoder)
     size, max_new = sampling.num_generations, sampling.max_new_tokens
-    prefilled = [prefill_prompt(model, prompt) for prompt in prompts]
+    prefilled = prefill_prompts(model, prompts)
     device = prefilled[0].logits.device
     logits = torch.cat([p.logits.expand(size, -1) for p in prefilled])                  # [B*G, V]
     first_positions = torch.cat([p.first_position.expand(*p.first_position.shape[:-2], size, 1)

@@ -13,6 +13,7 @@ tokens
     end_of_turn_token (ends a reply), eos_id(tokenizer), media_token_ids(tokenizer) (never sampled)
 the forward (all take the thinker `model`; shapes: P prompt, C completion, G rows, H hidden)
     embed_prompt(model, prompt) -> EmbeddedPrompt          encoders once; embeddings, positions, extras
+    stack_prompts(prompts) -> EmbeddedPrompt               prompts of one length as the rows of one batch
     embed_tokens(model, ids [B, T]) -> [B, T, H]
     positions_after_prompt(prompt, start, length, rows) -> positions of tokens start.. after the prompt
     run_decoder(model, embeds [B, T, H], positions, prompt=, cache=, use_cache=, attention_mask=, **attention)
@@ -35,7 +36,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -130,6 +131,11 @@ class OmniFamily(ABC):
     @abstractmethod
     def embed_prompt(self, model: nn.Module, prompt: PromptInputs) -> EmbeddedPrompt:
         ...
+
+    @abstractmethod
+    def stack_prompts(self, prompts: Sequence[EmbeddedPrompt]) -> EmbeddedPrompt:
+        """Embedded prompts of one length P as the rows of one batch: embeds [n, P, H], their positions and extras
+        (what `run_decoder(..., prompt=stacked)` needs to run all n prompts in one call)."""
 
     @abstractmethod
     def embed_tokens(self, model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,14 @@ class QwenThinker(OmniFamily):
     def embed_prompt(self, model, prompt: PromptInputs) -> EmbeddedPrompt:
         embeds, deepstack = _embed_prompt(model, prompt)
         return EmbeddedPrompt(embeds=embeds, positions=_prompt_positions(model, prompt), extras=deepstack)
+
+    def stack_prompts(self, prompts: Sequence[EmbeddedPrompt]) -> EmbeddedPrompt:
+        lengths = {prompt.length for prompt in prompts}
+        if len(lengths) != 1:
+            raise ValueError(f"stack_prompts: prompts of one length only, got lengths {sorted(lengths)}")
+        return EmbeddedPrompt(embeds=torch.cat([prompt.embeds for prompt in prompts]),                # [n, P, H]
+                              positions=torch.cat([prompt.positions for prompt in prompts], dim=1),  # [3, n, P]
+                              extras=Deepstack.stack([prompt.extras for prompt in prompts], prompts))
 
     def embed_tokens(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model.get_input_embeddings()(ids)
@@ -135,8 +143,8 @@ class Deepstack:
     """A prompt's deepstack inputs (Qwen3-Omni): vision-encoder features the language model adds to the
     hidden states of its first layers at the visual positions.
 
-    mask:   [1, P] bool, the image and video placeholder positions of the prompt
-    embeds: one [N, H] tensor per deepstack layer, N = mask.sum(), in position order
+    mask:   [1, P] bool, the image and video placeholder positions of the prompt ([n, P] for n stacked prompts)
+    embeds: one [N, H] tensor per deepstack layer, N = mask.sum(), in position order (row-major over the rows)
     """
 
     mask: torch.Tensor
@@ -144,12 +152,25 @@ class Deepstack:
 
     def language_model_kwargs(self, copies: int = 1, length: int | None = None) -> dict:
         """`visual_pos_masks` / `deepstack_visual_embeds` for `copies` rows of `length` (>= P) positions each,
-        the prompt first in every row: mask [copies, length], embeds [copies * N, H] (row-major, as the mask)."""
+        the prompt(s) first in every row: mask [copies, length], embeds [copies * N, H] (row-major, as the mask).
+        A stack of n prompts fills n rows (copies = n): each row its own prompt."""
         mask = self.mask
         if length is not None and length > mask.shape[1]:
             mask = F.pad(mask, (0, length - mask.shape[1]), value=False)
-        return {"visual_pos_masks": mask.expand(copies, -1),
-                "deepstack_visual_embeds": [e.repeat(copies, 1) for e in self.embeds]}
+        repeats = copies // mask.shape[0]
+        return {"visual_pos_masks": mask.repeat(repeats, 1),
+                "deepstack_visual_embeds": [e.repeat(repeats, 1) for e in self.embeds]}
+
+    @staticmethod
+    def stack(extras: Sequence["Deepstack | None"], prompts: Sequence[EmbeddedPrompt]) -> "Deepstack | None":
+        """The deepstack inputs of prompts of one length stacked as rows (a prompt without any: no positions)."""
+        present = [e for e in extras if e is not None]
+        if not present:
+            return None
+        masks = [e.mask if e is not None else torch.zeros_like(present[0].mask[:, :p.length])
+                 for e, p in zip(extras, prompts)]
+        layers = tuple(torch.cat([e.embeds[layer] for e in present]) for layer in range(len(present[0].embeds)))
+        return Deepstack(mask=torch.cat(masks), embeds=layers)
 
 
 def _embed_prompt(model, prompt: PromptInputs) -> tuple[torch.Tensor, Deepstack | None]:
