@@ -63,6 +63,8 @@ def test_export_full_layout_loads_in_transformers_with_eval_greedy_text(trained_
     runner = CliRunner()
     result = runner.invoke(app, ["export", "--model", str(final), "--base", str(tiny_full_dir), "--out", str(exported)])
     assert result.exit_code == 0, result.output
+    # the prompt the model was trained with goes with it: `echoink eval` of the export prompts it the same way
+    assert (exported / "echoink_prompt.json").read_bytes() == (final / "echoink_prompt.json").read_bytes()
 
     # talker and token2wav: the base's tensors, same dtype (token2wav stays bfloat16), same bytes; speakers as a file
     base_parts = _tensor_bytes(tiny_full_dir, ("talker.", "token2wav."))
@@ -228,7 +230,10 @@ def test_model_card_metadata_for_the_hub(tmp_path):
 def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tmp_path):
     from echoink.config import TrainConfig
     from echoink.model import load_thinker
+    from echoink.model.inputs import MediaOptions
+    from echoink.model.prompt_settings import PromptSettings, read_prompt_settings, write_prompt_settings
     from echoink.model.trainable import wrap_lora
+    from echoink.prompts import PromptTemplate
 
     thinker, _ = load_thinker(tiny_model_dir, dtype="float32")
     peft_model = wrap_lora(thinker, TrainConfig(use_peft=True, lora_r=2, lora_alpha=4, lora_dropout=0.0))
@@ -240,9 +245,12 @@ def test_lora_adapter_exports_the_merged_model(tiny_model_dir, tiny_full_dir, tm
     peft_model.save_pretrained(str(adapter))
     merged = {QWEN2_5_OMNI.published_thinker_name(k): v for k, v in peft_model.merge_and_unload().state_dict().items()}
 
+    settings = PromptSettings(PromptTemplate.from_dict({"instruction": "Think briefly."}), MediaOptions())
+    write_prompt_settings(adapter, settings)                                       # as training saves it
     out = tmp_path / "exported"
     result = export_model(adapter, out, base_dir=tiny_full_dir)
     assert result.merged_lora
+    assert read_prompt_settings(out) == settings                              # the merged export keeps it
     exported = _tensor_bytes(out, ("thinker.",))
     assert set(exported) == set(merged)
     name = "thinker.model.layers.0.self_attn.q_proj.weight"                     # a LoRA target (text model)

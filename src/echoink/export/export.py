@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from echoink.io import building_directory, read_object_file, write_json_atomic
 from echoink.model.families import UnsupportedModelError, family_for_model_type
+from echoink.model.prompt_settings import PROMPT_SETTINGS_FILE
 
 __all__ = ["EXPORT_LAYOUTS", "ExportError", "ExportResult", "export_model"]
 
@@ -117,6 +118,10 @@ def export_model(model_dir: str | Path, out_dir: str | Path, *, base_dir: str | 
                         result.copied_files.append(file.name)
             else:
                 _write_full(trained, base, tmp, max_shard_bytes, result)
+            settings = source_dir / PROMPT_SETTINGS_FILE  # the full layout and a merged adapter start without it
+            if settings.is_file() and not (tmp / PROMPT_SETTINGS_FILE).exists():
+                shutil.copyfile(settings, tmp / PROMPT_SETTINGS_FILE)
+                result.copied_files.append(PROMPT_SETTINGS_FILE)
             write_model_card(tmp, run_dir=run_dir, base=str(base_dir) if base_dir is not None else None,
                              layout=layout, trained_from=str(model_dir) if not merged_lora else None,
                              predictions=predictions, name=out_dir.name, prompt_from=source_dir,
