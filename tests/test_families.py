@@ -390,3 +390,24 @@ def test_a_family_missing_part_of_the_interface_cannot_be_made():
     with pytest.raises(TypeError, match="abstract"):
         HalfFamily()
     assert all(isinstance(family, OmniFamily) for family in FAMILIES)
+
+
+def test_deepstack_inputs_of_stacked_prompts_keep_each_rows_positions():
+    """`Deepstack.stack`: prompts of one length as rows; a prompt without visual features gets an all-False row,
+    the features stay in row-major order (as the language model reads them), and the kwargs fill one row each."""
+    import torch
+
+    from echoink.model.families.qwen_thinker import Deepstack
+
+    a = Deepstack(mask=torch.tensor([[True, False, True]]), embeds=(torch.ones(2, 4),))
+    b = Deepstack(mask=torch.tensor([[False, True, False]]), embeds=(2 * torch.ones(1, 4),))
+    joined = Deepstack.stack([a, None, b])
+    assert joined.mask.tolist() == [[True, False, True], [False, False, False], [False, True, False]]
+    assert torch.equal(joined.embeds[0], torch.cat([a.embeds[0], b.embeds[0]]))
+    kwargs = joined.language_model_kwargs(3)
+    assert torch.equal(kwargs["visual_pos_masks"], joined.mask)
+    assert torch.equal(kwargs["deepstack_visual_embeds"][0], joined.embeds[0])
+    assert Deepstack.stack([None, None]) is None
+    one = a.language_model_kwargs(2, length=5)  # one prompt, two copies, padded to 5 positions: as before
+    assert one["visual_pos_masks"].tolist() == [[True, False, True, False, False]] * 2
+    assert one["deepstack_visual_embeds"][0].shape == (4, 4)

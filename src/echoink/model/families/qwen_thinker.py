@@ -73,7 +73,7 @@ class QwenThinker(OmniFamily):
             raise ValueError(f"stack_prompts: prompts of one length only, got lengths {sorted(lengths)}")
         return EmbeddedPrompt(embeds=torch.cat([prompt.embeds for prompt in prompts]),                # [n, P, H]
                               positions=torch.cat([prompt.positions for prompt in prompts], dim=1),  # [3, n, P]
-                              extras=Deepstack.stack([prompt.extras for prompt in prompts], prompts))
+                              extras=Deepstack.stack([prompt.extras for prompt in prompts]))
 
     def embed_tokens(self, model, ids: torch.Tensor) -> torch.Tensor:
         return model.get_input_embeddings()(ids)
@@ -162,13 +162,12 @@ class Deepstack:
                 "deepstack_visual_embeds": [e.repeat(repeats, 1) for e in self.embeds]}
 
     @staticmethod
-    def stack(extras: Sequence["Deepstack | None"], prompts: Sequence[EmbeddedPrompt]) -> "Deepstack | None":
+    def stack(extras: Sequence["Deepstack | None"]) -> "Deepstack | None":
         """The deepstack inputs of prompts of one length stacked as rows (a prompt without any: no positions)."""
         present = [e for e in extras if e is not None]
         if not present:
             return None
-        masks = [e.mask if e is not None else torch.zeros_like(present[0].mask[:, :p.length])
-                 for e, p in zip(extras, prompts)]
+        masks = [e.mask if e is not None else torch.zeros_like(present[0].mask) for e in extras]
         layers = tuple(torch.cat([e.embeds[layer] for e in present]) for layer in range(len(present[0].embeds)))
         return Deepstack(mask=torch.cat(masks), embeds=layers)
 
