@@ -29,6 +29,7 @@ from echoink.data.conversion import (
     require_object,
     require_string,
 )
+from echoink.problem_types import MULTIPLE_CHOICE
 
 __all__ = ["AVQA_DATA_SOURCE", "VIDEO_EXTENSION", "convert_avqa"]
 
@@ -79,7 +80,7 @@ def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir
         "problem_id": question_id,
         "problem": question,
         "data_type": "video_audio",
-        "problem_type": "multiple choice",
+        "problem_type": MULTIPLE_CHOICE,
         "options": options,
         "solution": f"<answer>{LETTERS[answer]}</answer>",
         "path": {"video": relative},

@@ -42,6 +42,7 @@ from echoink.data.conversion import (
     require_object,
     require_string,
 )
+from echoink.problem_types import MULTIPLE_CHOICE
 
 __all__ = ["DAILY_OMNI_DATA_SOURCE", "DAILY_OMNI_MODES", "convert_daily_omni"]
 
@@ -96,7 +97,7 @@ def _convert_question(item, index: int, qa_path: Path, videos_dir: Path, out_dir
         "problem_id": index,
         "problem": question,
         "data_type": data_type,
-        "problem_type": "multiple choice",
+        "problem_type": MULTIPLE_CHOICE,
         "options": options,
         "solution": f"<answer>{letter}</answer>",
         "path": {key: relative},

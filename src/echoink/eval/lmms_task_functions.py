@@ -2,8 +2,9 @@
 
 `echoink lmms-eval-task` copies this file, unchanged, next to the task YAML it writes (lmms-eval imports such
 files by path from the task's directory). It reads the task's documents (one JSON line per record, written by
-`echoink.eval.lmms_task`) and grades replies with echoink's own rules, importing only `echoink.rewards` (the
-answer parsers: no torch, no model code), so any lmms-eval model can be scored on the task.
+`echoink.eval.lmms_task`) and grades replies with echoink's own rules, importing only `echoink.rewards` and
+`echoink.problem_types` (the answer parsers: no torch, no model code), so any lmms-eval model can be scored on
+the task.
 
 Each document holds: ``prompt`` (echoink's training prompt text for the record), ``media`` (absolute media
 paths, video / image / audio in the order echoink's prompt shows them), ``answer`` (the option letter, or the
@@ -27,9 +28,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from echoink.problem_types import MULTIPLE_CHOICE
 from echoink.rewards import answer_letter, echoink_r1_answer_letter, score_answer
 
-MULTIPLE_CHOICE = "multiple choice"
 STRICT, ECHOINK_R1 = "strict_accuracy", "echoink_r1_accuracy"
 
 
