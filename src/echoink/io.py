@@ -327,7 +327,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def read_jsonl_tolerant(path: str | Path) -> tuple[list[dict[str, Any]], str | None]:
-    """Every non-blank line as a JSON object, like :func:`iter_jsonl`, but a damaged LAST line (a write cut by a kill) is dropped, not an error.
+    """Every non-blank line as a JSON object, like :func:`iter_jsonl`, but a damaged LAST line (a write cut by a
+    kill) is dropped, not an error.
 
     Returns ``(rows, note)``: ``note`` says which line was ignored, or is None. A damaged line before the
     last one is still a ``JsonlError``: that is corruption, not a cut write.

@@ -97,7 +97,8 @@ class EchoinkModel(lmms):
                 batch = []
             doc = self.task_dict[task][split][doc_id]
             # a sampled reply draws from a stream named by (seed, task, document): not by its batch or position
-            batch.append((self._encode(context, doc, doc_to_visual), decoding, (zlib.crc32(task.encode()), int(doc_id))))
+            stream = (zlib.crc32(task.encode()), int(doc_id))
+            batch.append((self._encode(context, doc, doc_to_visual), decoding, stream))
         if batch:
             replies.extend(self._answer(batch))
         return replies
