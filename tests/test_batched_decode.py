@@ -157,3 +157,27 @@ def test_prompts_of_one_length_share_a_prefill_call(family_setup, mixed_dataset)
     together, _ = _decode(model, tokenizer, prompts, sampling, seeds)
     for prompt, seed, ids in zip(prompts, seeds, together):
         assert torch.equal(ids, _decode(model, tokenizer, [prompt], sampling, [seed])[0][0])
+
+
+def test_stacked_prefill_calls_hold_a_bounded_number_of_tokens(family_setup, monkeypatch):
+    """With room for two prompts a call, four prompts of one length take two calls (and a prompt over the limit
+    one call of its own); the results are those of one call each."""
+    from echoink.model.engine import batched_decode
+
+    model, _, _, _, prompts, _ = family_setup
+    prompt = prompts[0]
+    calls = []
+    family = family_of_model(model)
+    real_run = type(family).run_decoder
+    monkeypatch.setattr(type(family), "run_decoder",
+                        lambda self, *args, **kwargs: calls.append(args[1].shape[0]) or real_run(self, *args, **kwargs))
+    monkeypatch.setattr(batched_decode, "PREFILL_TOKENS_PER_CALL", 2 * prompt.length)
+    with torch.no_grad():
+        four = batched_decode.prefill_prompts(model, [prompt] * 4)
+    assert calls == [2, 2]
+    monkeypatch.setattr(batched_decode, "PREFILL_TOKENS_PER_CALL", prompt.length - 1)
+    calls.clear()
+    with torch.no_grad():
+        batched_decode.prefill_prompts(model, [prompt] * 2)
+    assert calls == [1, 1]
+    torch.testing.assert_close(four[3].logits, four[0].logits, rtol=1e-5, atol=1e-5)

@@ -124,16 +124,27 @@ class PrefilledPrompt:
     first_position: torch.Tensor
 
 
+#: At most this many prompt tokens in one stacked prefill call: bounds the call's activations (a 7B model's MLP
+#: holds [tokens, 18944] at once) whatever the loop's size.
+PREFILL_TOKENS_PER_CALL = 16_384
+
+
 def prefill_prompts(model, prompts: Sequence[PromptInputs]) -> list[PrefilledPrompt]:
     """Encode each prompt's media (one prompt at a time), then run the prompts through the decoder: prompts of
-    one length together, as the rows of one call (no padding: each row's attention sees its own prompt only)."""
+    one length together, as the rows of one call (no padding: each row's attention sees its own prompt only),
+    at most `PREFILL_TOKENS_PER_CALL` tokens a call."""
     family = family_of_model(model)
     embedded = [family.embed_prompt(model, prompt) for prompt in prompts]              # [1, P_b, H] each
-    by_length: dict[int, list[int]] = {}
+    calls: list[list[int]] = []   # prompt indices per decoder call
+    open_call: dict[int, list[int]] = {}  # prompt length -> the call still taking prompts of that length
     for index, prompt in enumerate(embedded):
-        by_length.setdefault(prompt.length, []).append(index)
+        call = open_call.get(prompt.length)
+        if call is None or (len(call) + 1) * prompt.length > PREFILL_TOKENS_PER_CALL:  # a long prompt: alone
+            call = open_call[prompt.length] = []
+            calls.append(call)
+        call.append(index)
     prefilled: list[PrefilledPrompt | None] = [None] * len(prompts)
-    for indices in by_length.values():
+    for indices in calls:
         rows = family.stack_prompts([embedded[i] for i in indices]) if len(indices) > 1 else embedded[indices[0]]
         out = family.run_decoder(model, rows.embeds, rows.positions, prompt=rows, use_cache=True)
         logits = family.output_head(model)(out.hidden[:, -1]).float()                     # [n, V]
