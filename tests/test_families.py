@@ -411,3 +411,14 @@ def test_deepstack_inputs_of_stacked_prompts_keep_each_rows_positions():
     one = a.language_model_kwargs(2, length=5)  # one prompt, two copies, padded to 5 positions: as before
     assert one["visual_pos_masks"].tolist() == [[True, False, True, False, False]] * 2
     assert one["deepstack_visual_embeds"][0].shape == (4, 4)
+
+
+def test_deepstack_inputs_of_stacked_prompts_fill_only_whole_copies():
+    import pytest
+    import torch
+
+    from echoink.model.families.qwen_thinker import Deepstack
+
+    two = Deepstack.stack([Deepstack(mask=torch.tensor([[True]]), embeds=(torch.ones(1, 2),))] * 2)
+    with pytest.raises(ValueError, match="2 stacked prompts cannot fill 3 rows"):
+        two.language_model_kwargs(3)

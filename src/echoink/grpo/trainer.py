@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -22,6 +23,7 @@ from echoink.config import ConfigError, TrainConfig
 from echoink.data import load_dataset
 from echoink.grpo.batches import BatchPlan
 from echoink.grpo.checkpoint import (
+    ResumeChoice,
     changed_settings,
     latest_checkpoint,
     choose_resume_checkpoint,
@@ -126,8 +128,8 @@ class _Run:
 
     config: TrainConfig
     records: list
-    accelerator: object
-    resume: object          # checkpoint.ResumeChoice: validated, not loaded yet
+    accelerator: Accelerator
+    resume: ResumeChoice    # validated, not loaded yet
     log: RunLog
     plan: BatchPlan
     total_steps: int

@@ -157,6 +157,8 @@ class Deepstack:
         mask = self.mask
         if length is not None and length > mask.shape[1]:
             mask = F.pad(mask, (0, length - mask.shape[1]), value=False)
+        if copies % mask.shape[0]:
+            raise ValueError(f"deepstack inputs of {mask.shape[0]} stacked prompts cannot fill {copies} rows")
         repeats = copies // mask.shape[0]
         return {"visual_pos_masks": mask.repeat(repeats, 1),
                 "deepstack_visual_embeds": [e.repeat(repeats, 1) for e in self.embeds]}
